@@ -1,0 +1,83 @@
+"""The ``--sat-*`` command-line flags, added to megatron's parser as extra arguments.
+
+:func:`add_sat_arguments` is megatron's ``extra_args_provider``; :func:`sat_config_from_args`
+turns the parsed namespace into a validated :class:`~megatron_sat.config.SATConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_sat.config import (DP_SELECTIONS, GQA_MODES, METRICS, MODULES, SCORE_SCALES,
+                                 SELECTIONS, SATConfig)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside [0, 1); use 0 for dense training, e.g. 0.5 to omit half")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("SAT", "Sparsity-Accelerated Training (arXiv 2406.01392)")
+    g.add_argument("--sat-omission-rate", type=_rate, default=0.0, metavar="R",
+                   help="Maximum neuron omission rate r in [0, 1). 0 (default) trains densely.")
+    g.add_argument("--sat-metric", choices=METRICS, default="maxip",
+                   help="Neuron importance metric, Eq. 5 (default: maxip).")
+    g.add_argument("--sat-selection", choices=SELECTIONS, default="sampling",
+                   help="topk, or sampling without replacement from softmax(s/tau), Eq. 8 "
+                        "(default: sampling).")
+    g.add_argument("--sat-temperature", type=_positive_float, default=0.05, metavar="TAU",
+                   help="Sampling temperature tau of Eq. 8 (default: 0.05).")
+    g.add_argument("--sat-score-scale", choices=SCORE_SCALES, default="standard",
+                   help="Rescaling of the scores before division by tau: standard (z-score "
+                        "per layer and rank, default), minmax (to [0, 1]) or raw.")
+    g.add_argument("--sat-lors-start", type=int, default=None, metavar="ETA",
+                   help="LORS (Eq. 11): iteration eta after which the rate falls in ladders. "
+                        "Unset (default) keeps the rate constant.")
+    g.add_argument("--sat-lors-ladders", type=int, default=5, metavar="L",
+                   help="LORS: number of ladders L (default: 5).")
+    g.add_argument("--sat-gqa-mode", choices=GQA_MODES, default="heads",
+                   help="GQA: 'heads' keeps the same number of query heads in every kv group "
+                        "and computes K/V in full (default); 'groups' keeps whole kv groups "
+                        "and drops their K/V too.")
+    g.add_argument("--sat-dp-selection", choices=DP_SELECTIONS, default="local",
+                   help="'local': each data-parallel rank selects from its own micro-batch "
+                        "(default); 'shared': scores are averaged over the data-parallel "
+                        "group so every rank trains the same sub-network.")
+    g.add_argument("--sat-modules", nargs="+", choices=MODULES, default=list(MODULES),
+                   help="Blocks to sparsify (default: mlp attention).")
+    return parser
+
+
+def sat_config_from_args(args: argparse.Namespace) -> SATConfig:
+    """Build the SAT config from megatron's parsed args. Does not validate the model shape."""
+    return SATConfig(
+        omission_rate=args.sat_omission_rate,
+        metric=args.sat_metric,
+        selection=args.sat_selection,
+        temperature=args.sat_temperature,
+        score_scale=args.sat_score_scale,
+        lors_start=args.sat_lors_start,
+        lors_ladders=args.sat_lors_ladders,
+        train_iters=args.train_iters,
+        gqa_mode=args.sat_gqa_mode,
+        dp_selection=args.sat_dp_selection,
+        modules=tuple(dict.fromkeys(args.sat_modules)),
+        seed=args.seed,
+    ).validate()

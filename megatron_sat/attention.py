@@ -1,0 +1,124 @@
+"""The sparse self-attention (paper Eq. 9): MHA(X) = Concat(head_pi1..head_pik) W~_O.
+
+SAT works at head granularity. Head scores come from Eq. 5-7 on the fused QKV rows of
+this rank (see :func:`~megatron_sat.importance.head_scores`). Only the kept heads' Q/K/V
+rows of ``linear_qkv`` and their columns of ``linear_proj`` are multiplied, and the core
+attention runs on the kept heads only.
+
+Grouped-query attention (``--sat-gqa-mode``):
+
+* ``heads`` (default): every kv group of the rank keeps floor(q_per_group * (1 - r)) of
+  its query heads, chosen from that group's head scores; K and V are computed in full.
+  Attention FLOPs (scores and the Q/O projections) shrink by r, K/V projections do not.
+  It works at any tensor-parallel size, because the unit is a query head.
+* ``groups``: whole kv groups are kept or dropped, floor(groups_local * (1 - r)) of them,
+  scored by the mean of their heads' scores; K and V of dropped groups are skipped too.
+  It saves a little more, but needs at least 2 kv groups per rank at r = 0.5.
+
+For multi-head attention (one head per group) both modes select heads, with their K/V.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from megatron.core.transformer.attention import SelfAttention
+
+from megatron_sat.block import SparseBlock
+from megatron_sat.config import SATConfig, kept_count
+from megatron_sat.importance import head_scores, input_statistic, neuron_scores
+from megatron_sat.sparse_linear import keep
+
+
+class HeadSelection:
+    """Kept kv groups [G] and, inside each, the kept query heads [G, kq] (local indices)."""
+
+    def __init__(self, groups: torch.Tensor, queries: torch.Tensor):
+        self.groups, self.queries = groups, queries
+
+    def qkv_rows(self, q_per_group: int, head_dim: int) -> torch.Tensor:
+        """Local ``linear_qkv`` rows: per kept group its kept Q heads, then its K and V."""
+        block = (q_per_group + 2) * head_dim
+        offs = torch.arange(head_dim, device=self.groups.device)
+        base = self.groups[:, None] * block
+        q = (base + self.queries * head_dim)[..., None] + offs
+        k = (base + q_per_group * head_dim)[..., None] + offs
+        return torch.cat([q, k, k + head_dim], dim=1).reshape(-1)
+
+    def proj_columns(self, q_per_group: int, head_dim: int) -> torch.Tensor:
+        """Local ``linear_proj`` columns of the kept query heads, in the same head order."""
+        heads = self.groups[:, None] * q_per_group + self.queries
+        offs = torch.arange(head_dim, device=heads.device)
+        return (heads[..., None] * head_dim + offs).reshape(-1)
+
+
+class SATSelfAttention(SelfAttention):
+    """megatron-core SelfAttention whose forward keeps a sampled subset of heads."""
+
+    def __init__(self, *args, sat_config: SATConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.attention_output_gate or self.config.fused_single_qkv_rope:
+            raise ValueError("SAT attention supports neither attention_output_gate nor "
+                             "fused_single_qkv_rope")
+        if self.config.num_query_groups < self.world_size:
+            raise ValueError("SAT attention needs --num-query-groups >= "
+                             "--tensor-model-parallel-size")
+        self.sat = SparseBlock(sat_config, module_id=1, tp_group=self.tp_group,
+                               layer_number=self.layer_number)
+        self._layout: tuple[int, int] | None = None
+
+    @property
+    def q_per_group(self) -> int:
+        return self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        rate = self.sat.rate(self.training)
+        if rate == 0.0:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        sel = self.sat.draw(lambda: self.head_scores(hidden_states),
+                            lambda s, g: self.choose_heads(s, rate, g), hidden_states.device)
+        hn, qpg = self.hidden_size_per_attention_head, self.q_per_group
+        with ExitStack() as stack:
+            stack.enter_context(keep((self.linear_qkv, sel.qkv_rows(qpg, hn)),
+                                     (self.linear_proj, sel.proj_columns(qpg, hn))))
+            self._layout = (sel.queries.shape[0], sel.queries.shape[1])
+            stack.callback(setattr, self, "_layout", None)
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+    def head_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Eq. 5-7: [groups_local, q_per_group] scores of the local query heads."""
+        metric = self.sat.cfg.metric
+        sp_group = self.tp_group if self.config.sequence_parallel else None
+        stat = input_statistic(metric, hidden_states, sp_group)
+        rows = neuron_scores(metric, self.linear_qkv.weight, stat)
+        return head_scores(rows, self.num_query_groups_per_partition, self.q_per_group,
+                           self.hidden_size_per_attention_head)
+
+    def choose_heads(self, scores: torch.Tensor, rate: float,
+                     gen: torch.Generator) -> HeadSelection:
+        groups, qpg = scores.shape
+        device = scores.device
+        if qpg > 1 and self.sat.cfg.gqa_mode == "heads":
+            queries = self.sat.pick(scores, kept_count(qpg, rate), gen)
+            return HeadSelection(torch.arange(groups, device=device), queries)
+        kept = self.sat.pick(scores.mean(dim=1), kept_count(groups, rate), gen)
+        queries = torch.arange(qpg, device=device).expand(kept.numel(), qpg)
+        return HeadSelection(kept, queries)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
+                                    output_gate=False, split_qkv=True):
+        if self._layout is None:
+            return super().get_query_key_value_tensors(
+                hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
+        groups, q_kept = self._layout
+        hn = self.hidden_size_per_attention_head
+        mixed, _ = self.linear_qkv(hidden_states)
+        mixed = mixed.view(*mixed.shape[:-1], groups, (q_kept + 2) * hn)
+        query, key, value = torch.split(mixed, [q_kept * hn, hn, hn], dim=3)
+        query = query.reshape(query.size(0), query.size(1), -1, hn)
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value

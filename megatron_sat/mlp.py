@@ -1,0 +1,66 @@
+"""The sparse MLP (paper Eq. 10): MLP(X) = sigma(X W~_up) W~_down.
+
+Neuron j of a rank is its local channel j: fc1 row j (for SwiGLU also the up row
+j + f_local, since megatron stores the local fc1 shard as [gate_local; up_local]) and
+fc2 column j, so a neuron never spans two tensor-parallel ranks. Each rank keeps
+floor(f_local * (1 - r)) of its own channels.
+
+A channel is scored by the fc1 row that feeds the nonlinearity sigma: the gate row for
+gated units (SwiGLU/GeGLU), the only row otherwise (Eq. 4 and 10 score the column of
+W_up that sigma reads).
+
+Only the kept rows and columns are multiplied, forward and backward; megatron-core's own
+activation code runs in between on the narrower tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.mlp import MLP
+
+from megatron_sat.block import SparseBlock
+from megatron_sat.config import SATConfig, kept_count
+from megatron_sat.importance import input_statistic, neuron_scores
+from megatron_sat.sparse_linear import keep
+
+
+class SATMLP(MLP):
+    """megatron-core MLP whose forward keeps a sampled subset of channels."""
+
+    sat: SparseBlock
+
+    @classmethod
+    def as_mlp_submodule(cls, *args, sat_config: SATConfig, **kwargs):
+        """Layer-spec hook: ``partial(SATMLP.as_mlp_submodule, submodules=..., sat_config=...)``."""
+        mlp = super().as_mlp_submodule(*args, **kwargs)
+        mlp.sat = SparseBlock(sat_config, module_id=0, tp_group=mlp.tp_group)
+        return mlp
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called by megatron's TransformerLayer after construction."""
+        self.sat.set_layer_number(layer_number)
+
+    @property
+    def ffn_local(self) -> int:
+        rows = self.linear_fc1.weight.shape[0]
+        return rows // 2 if self.config.gated_linear_unit else rows
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
+        rate = self.sat.rate(self.training)
+        if rate == 0.0 or per_token_scale is not None:
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        channels = self.sat.draw(lambda: self.channel_scores(hidden_states),
+                                 lambda s, g: self.sat.pick(s, kept_count(s.numel(), rate), g),
+                                 hidden_states.device)
+        fc1_rows = channels
+        if self.config.gated_linear_unit:
+            fc1_rows = torch.cat([channels, channels + self.ffn_local])
+        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, channels)):
+            return super().forward(hidden_states, **kwargs)
+
+    def channel_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 score of every local channel, from the rows that feed sigma."""
+        metric = self.sat.cfg.metric
+        sp_group = self.tp_group if self.config.sequence_parallel else None
+        stat = input_statistic(metric, hidden_states, sp_group)
+        return neuron_scores(metric, self.linear_fc1.weight[: self.ffn_local], stat)
