@@ -1,0 +1,328 @@
+"""torchrun worker: SAT layers against independent dense references, at any TP size.
+
+Run as ``torchrun --nproc-per-node TP tests/layer_worker.py OUT.json``. Every case builds a
+SAT block with megatron-core on CPU/gloo, runs forward and backward at r = 0.5, and
+compares output, input gradient and every weight gradient with a float64 dense reference
+written here in plain torch, in which the omitted neurons' weights are zeroed. Rank 0
+writes one record per case (max errors, omitted-gradient counts) for
+``tests/test_sparse_layers.py`` to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_sat.cpu import enable_cpu_mode
+
+enable_cpu_mode()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.mlp import MLPSubmodules  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from megatron_sat import runtime  # noqa: E402
+from megatron_sat.attention import SATSelfAttention  # noqa: E402
+from megatron_sat.config import SATConfig  # noqa: E402
+from megatron_sat.core_attention import SDPAttention  # noqa: E402
+from megatron_sat.mlp import SATMLP  # noqa: E402
+from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear  # noqa
+
+SEQ, BATCH, HIDDEN, FFN = 8, 2, 32, 64
+
+
+def transformer_config(tp, sp, heads=4, groups=4, gated=True, bias=False):
+    return TransformerConfig(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=FFN, tensor_model_parallel_size=tp, sequence_parallel=sp,
+        use_cpu_initialization=True, gated_linear_unit=gated,
+        activation_func=F.silu if gated else F.gelu, add_bias_linear=bias,
+        bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=0.3, params_dtype=torch.float32)
+
+
+def pg():
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+
+
+def build_mlp(cfg, sat):
+    mlp = SATMLP.as_mlp_submodule(
+        submodules=MLPSubmodules(linear_fc1=SATColumnParallelLinear,
+                                 linear_fc2=SATRowParallelLinear),
+        config=cfg, pg_collection=pg(), is_mtp_layer=False, sat_config=sat,
+        ffn_hidden_size=cfg.ffn_hidden_size)
+    mlp.set_layer_number(1)
+    return mlp
+
+
+def build_attention(cfg, sat, stock=False):
+    sub = SelfAttentionSubmodules(
+        linear_qkv=SATColumnParallelLinear,
+        core_attention=DotProductAttention if stock else SDPAttention,
+        linear_proj=SATRowParallelLinear)
+    if stock:
+        return SelfAttention(cfg, sub, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                             pg_collection=pg())
+    return SATSelfAttention(cfg, sub, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                            pg_collection=pg(), sat_config=sat)
+
+
+def reseed(seed):
+    """Same weights for the same shapes in every case, so cases can be compared."""
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shared_randn(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def local_input(x_full, sp):
+    """This rank's input: the sequence shard under sequence parallelism."""
+    if not sp:
+        return x_full.clone()
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return x_full.chunk(tp, dim=0)[rank].clone()
+
+
+def gather_list(t):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def run(module, x_full, sp, use_main_grad):
+    """Forward + backward with a fixed output cotangent; returns (y_local, x.grad, grads)."""
+    params = dict(module.named_parameters())
+    if use_main_grad:
+        for p in params.values():
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            p.grad_added_to_main_grad = False
+    x = local_input(x_full, sp).requires_grad_(True)
+    y, bias = module(x, None) if isinstance(module, SelfAttention) else module(x)
+    if bias is not None:
+        y = y + bias
+    cot = local_input(shared_randn(*x_full.shape, seed=7), sp)
+    (y * cot).sum().backward()
+    grads = {}
+    for name, p in params.items():
+        g = p.main_grad if use_main_grad and hasattr(p, "main_grad") else p.grad
+        if use_main_grad and p.grad is not None:
+            g = g + p.grad  # params without a SAT path (e.g. biases) still use .grad
+        grads[name] = g.detach().clone()
+    return y.detach(), x.grad.detach(), grads
+
+
+def mlp_reference(w1s, w2s, b1s, b2, channels, x, gated):
+    """Dense float64 TP MLP: sum over ranks, omitted channels' weights zeroed."""
+    y = 0
+    leaves = []
+    for w1, w2, b1, ch in zip(w1s, w2s, b1s, channels):
+        f = w2.shape[1]
+        keep = torch.zeros(f, dtype=torch.float64)
+        keep[ch] = 1
+        rows = torch.cat([keep, keep]) if gated else keep
+        w1 = w1.double().requires_grad_(True)
+        w2 = w2.double().requires_grad_(True)
+        leaves += [w1, w2]
+        h = x @ (w1 * rows[:, None]).t()
+        if b1 is not None:
+            b1 = b1.double().requires_grad_(True)
+            leaves.append(b1)
+            h = h + b1 * rows
+        a = F.silu(h[..., :f]) * h[..., f:] if gated else F.gelu(h)
+        y = y + a @ (w2 * keep[None, :]).t()
+    if b2 is not None:
+        y = y + b2.double()
+    return y, leaves
+
+
+def attention_reference(wqkvs, wos, selections, x, groups_l, qpg, hn):
+    """Dense float64 causal GQA attention per rank, summed; omitted heads zeroed."""
+    s = x.shape[0]
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    y, leaves = 0, []
+    for wqkv, wo, (gsel, qsel) in zip(wqkvs, wos, selections):
+        wqkv = wqkv.double().requires_grad_(True)
+        wo = wo.double().requires_grad_(True)
+        leaves += [wqkv, wo]
+        qkv = (x @ wqkv.t()).view(s, x.shape[1], groups_l, qpg + 2, hn)
+        head_keep = torch.zeros(groups_l, qpg, dtype=torch.float64)
+        for g, qs in zip(gsel, qsel):
+            head_keep[g, qs] = 1
+        group_keep = (head_keep.sum(1) > 0).double()
+        q = qkv[:, :, :, :qpg] * head_keep[:, :, None]
+        k = qkv[:, :, :, qpg] * group_keep[:, None]
+        v = qkv[:, :, :, qpg + 1] * group_keep[:, None]
+        scores = torch.einsum("sbgqd,tbgd->bgqst", q, k) / math.sqrt(hn)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        ctx = torch.einsum("bgqst,tbgd->sbgqd", probs, v).reshape(s, x.shape[1], -1)
+        col_keep = head_keep.reshape(-1).repeat_interleave(hn)
+        y = y + ctx @ (wo * col_keep[None, :]).t()
+    return y, leaves
+
+
+def compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted):
+    """Max abs errors of forward and all grads; counts of non-zero omitted gradients."""
+    y_ref_l = local_input(y_ref.detach(), sp)
+    cot = shared_randn(*y_ref.shape, seed=7).double()
+    (y_ref * cot).sum().backward()
+    errs = {"forward": (y.double() - y_ref_l).abs().max().item(),
+            "grad_input": (xg.double() - local_input(x_ref.grad, sp)).abs().max().item()}
+    rank = ps.get_tensor_model_parallel_rank()
+    for name, leaf_list in names.items():
+        ref = leaf_list[rank].grad
+        errs[f"grad_{name}"] = (grads[name].double() - ref).abs().max().item()
+    nonzero_omitted = sum(int(torch.count_nonzero(fn(grads))) for fn in omitted)
+    return {"case": tag, "errors": errs, "nonzero_omitted_grads": nonzero_omitted,
+            "scale": y_ref.abs().max().item()}
+
+
+def mlp_case(tp, sp, gated, bias, metric, use_main_grad):
+    tag = f"mlp tp{tp} sp{int(sp)} {'swiglu' if gated else 'gelu'} {metric}"
+    reseed(21)
+    cfg = transformer_config(tp, sp, gated=gated, bias=bias)
+    sat = SATConfig(omission_rate=0.5, metric=metric, selection="sampling")
+    mlp = build_mlp(cfg, sat).train()
+    x_full = shared_randn(SEQ, BATCH, HIDDEN, seed=3)
+    y, xg, grads = run(mlp, x_full, sp, use_main_grad)
+    ch = mlp.sat.state.last
+    f_l = FFN // tp
+    w1s = gather_list(mlp.linear_fc1.weight.detach())
+    w2s = gather_list(mlp.linear_fc2.weight.detach())
+    chans = gather_list(ch)
+    b1s = gather_list(mlp.linear_fc1.bias.detach()) if bias else [None] * tp
+    b2 = mlp.linear_fc2.bias.detach() if bias else None
+    x_ref = x_full.double().requires_grad_(True)
+    y_ref, leaves = mlp_reference(w1s, w2s, b1s, b2, chans, x_ref, gated)
+    per = 3 if bias else 2
+    names = {"linear_fc1.weight": leaves[0::per], "linear_fc2.weight": leaves[1::per]}
+    if bias:
+        names["linear_fc1.bias"] = leaves[2::per]
+    dropped = torch.ones(f_l, dtype=torch.bool)
+    dropped[ch] = False
+    rows = torch.cat([dropped, dropped]) if gated else dropped
+    omitted = [lambda g: g["linear_fc1.weight"][rows], lambda g: g["linear_fc2.weight"][:, dropped]]
+    rec = compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted)
+    rec["selection"] = ch.tolist()
+    rec["kept"] = int(ch.numel())
+    rec["expected_kept"] = f_l // 2
+    return rec
+
+
+def attention_case(tp, sp, heads, groups, gqa_mode, metric, use_main_grad):
+    tag = f"attn tp{tp} sp{int(sp)} h{heads}g{groups} {gqa_mode} {metric}"
+    reseed(22)
+    cfg = transformer_config(tp, sp, heads=heads, groups=groups)
+    sat = SATConfig(omission_rate=0.5, metric=metric, selection="sampling", gqa_mode=gqa_mode)
+    attn = build_attention(cfg, sat).train()
+    x_full = shared_randn(SEQ, BATCH, HIDDEN, seed=5)
+    y, xg, grads = run(attn, x_full, sp, use_main_grad)
+    sel = attn.sat.state.last
+    hn, g_l = HIDDEN // heads, groups // tp
+    qpg = heads // groups
+    sels = list(zip(gather_list(sel.groups), gather_list(sel.queries)))
+    wqkvs = gather_list(attn.linear_qkv.weight.detach())
+    wos = gather_list(attn.linear_proj.weight.detach())
+    x_ref = x_full.double().requires_grad_(True)
+    y_ref, leaves = attention_reference(wqkvs, wos, sels, x_ref, g_l, qpg, hn)
+    names = {"linear_qkv.weight": leaves[0::2], "linear_proj.weight": leaves[1::2]}
+    rows = torch.ones(wqkvs[0].shape[0], dtype=torch.bool)
+    rows[sel.qkv_rows(qpg, hn)] = False
+    cols = torch.ones(wos[0].shape[1], dtype=torch.bool)
+    cols[sel.proj_columns(qpg, hn)] = False
+    omitted = [lambda g: g["linear_qkv.weight"][rows], lambda g: g["linear_proj.weight"][:, cols]]
+    rec = compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted)
+    kept_heads = sel.queries.numel()
+    rec["selection"] = sel.qkv_rows(qpg, hn).tolist()
+    rec["kept"] = kept_heads
+    rec["expected_kept"] = (heads // tp) // 2
+    rec["kv_groups_computed"] = int(sel.groups.numel())
+    return rec
+
+
+def stock_equivalence(tp):
+    """r = 0: SAT blocks vs megatron-core's stock MLP / SelfAttention (DotProductAttention)."""
+    out = []
+    cfg = transformer_config(tp, False, heads=8, groups=4)
+    off = SATConfig(omission_rate=0.0)
+    reseed(11)
+    sat_attn = build_attention(cfg, off)
+    stock = build_attention(cfg, off, stock=True)
+    stock.load_state_dict(sat_attn.state_dict())
+    x = shared_randn(SEQ, BATCH, HIDDEN, seed=9)
+    mask = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)[None, None]
+    res = []
+    for m in (sat_attn, stock):
+        xi = x.clone().requires_grad_(True)
+        y, _ = m(xi, mask)
+        (y * shared_randn(*y.shape, seed=2)).sum().backward()
+        res.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    err = max([(res[0][0] - res[1][0]).abs().max().item(), (res[0][1] - res[1][1]).abs().max().item()]
+              + [(res[0][2][n] - res[1][2][n]).abs().max().item() for n in res[0][2]])
+    out.append({"case": f"stock attention tp{tp}", "max_error": err})
+    return out
+
+
+def recompute_case(tp):
+    """Full activation recompute of a SAT MLP reuses the first forward's channels."""
+    from megatron.core import tensor_parallel
+    cfg = transformer_config(tp, False)
+    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling")
+    mlp = build_mlp(cfg, sat).train()
+    x = shared_randn(SEQ, BATCH, HIDDEN, seed=4)
+    grads, draws = [], []
+    for recompute in (False, True):
+        mlp.zero_grad()
+        mlp.set_layer_number(1)  # fresh selection state: both runs draw micro-batch 0
+        xi = x.clone().requires_grad_(True)
+        if recompute:
+            y, _ = tensor_parallel.checkpoint(lambda t: mlp(t), False, xi)
+        else:
+            y, _ = mlp(xi)
+        (y * shared_randn(*y.shape, seed=1)).sum().backward()
+        grads.append([xi.grad] + [p.grad.clone() for p in mlp.parameters()])
+        draws.append(mlp.sat.state._draws)
+    diff = max((a - b).abs().max().item() for a, b in zip(*grads))
+    # a second draw in the recompute pass would take new noise (and count 2 draws)
+    return {"case": f"recompute tp{tp}", "max_error": diff, "draws": draws}
+
+
+def main(path):
+    dist.init_process_group(backend="gloo")
+    tp = dist.get_world_size()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(1234)
+    runtime.set_iteration(0)
+    records = []
+    for sp in ((False, True) if tp > 1 else (False,)):
+        for gated, bias in ((True, False), (False, True)):
+            records.append(mlp_case(tp, sp, gated, bias, "maxip", use_main_grad=sp))
+        for heads, groups, modes in ((4, 4, ("heads",)), (8, 4, ("heads", "groups"))):
+            for mode in modes:
+                records.append(attention_case(tp, sp, heads, groups, mode, "maxip",
+                                              use_main_grad=sp))
+    records.append(mlp_case(tp, False, True, False, "wanda", use_main_grad=False))
+    records.append(attention_case(tp, tp > 1, 8, 4, "heads", "magnitude", use_main_grad=True))
+    records += stock_equivalence(tp)
+    runtime.set_iteration(3)
+    records.append(recompute_case(tp))
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
