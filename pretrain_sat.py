@@ -1,0 +1,250 @@
+"""Pretrain a GPT model with Sparsity-Accelerated Training (SAT) on megatron-core.
+
+Takes megatron's own training flags plus the ``--sat-*`` flags (``--help`` lists both)::
+
+    torchrun --nproc-per-node 8 pretrain_sat.py \\
+        --num-layers 22 --hidden-size 2048 ... --data-path corpus_text_document \\
+        --sat-omission-rate 0.5
+
+Runs unchanged on GPUs (NCCL). Without a GPU it runs on CPU with gloo, for tests and
+development (see ``megatron_sat/cpu.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from functools import partial
+
+import torch
+
+from megatron_sat import cpu, megatron_fixes, runtime
+from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
+from megatron_sat.config import SATConfig, SATConfigError
+from megatron_sat.schedule import omission_rate_at
+from megatron_sat.spec import get_sat_layer_spec
+from megatron_sat.throughput import ThroughputMeter
+
+from megatron.core import mpu, tensor_parallel
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+from megatron.core.enums import ModelType
+from megatron.core.rerun_state_machine import get_rerun_state_machine
+from megatron.training import get_args, get_timers, get_tokenizer, pretrain
+from megatron.training.argument_utils import (gpt_config_from_args,
+                                              pretrain_cfg_container_from_args)
+from megatron.training.arguments import (add_megatron_arguments, parse_and_validate_args,
+                                         parse_args)
+from megatron.training.utils import (get_blend_and_blend_per_split,
+                                     is_first_or_last_pipeline_stage)
+
+PROG = "pretrain_sat.py"
+
+
+def _fail(message: str) -> None:
+    """Exit like argparse does on a bad flag: usage error, status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def _print_help() -> None:
+    """Print megatron's and the SAT flags.
+
+    Megatron's own ``--help`` crashes: some help strings contain a bare ``%``, which
+    argparse treats as a format specifier. Escape those, keep ``%(default)s`` and ``%%``.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    add_sat_arguments(add_megatron_arguments(parser))
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%%|%\(\w+\)\w|%", _escape_lone_percent, action.help)
+    parser.print_help()
+
+
+def _escape_lone_percent(match: re.Match) -> str:
+    return "%%" if match.group() == "%" else match.group()
+
+
+def _check_data_paths(args: argparse.Namespace) -> None:
+    """Fail early, naming the flag, when a dataset prefix lacks its .bin or .idx file."""
+    if args.mock_data or args.data_args_path or args.per_split_data_args_path:
+        return
+    flags = {"--data-path": args.data_path, "--train-data-path": args.train_data_path,
+             "--valid-data-path": args.valid_data_path, "--test-data-path": args.test_data_path}
+    if not any(flags.values()):
+        _fail("no training data: give --data-path PREFIX (PREFIX.bin and PREFIX.idx, as "
+              "written by megatron's preprocess_data.py) or --mock-data")
+    for flag, blend in flags.items():
+        for prefix in (get_blend_from_list(blend) or ([],))[0]:
+            missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+            if missing:
+                _fail(f"{flag} {prefix}: file not found: {', '.join(missing)}")
+
+
+def _sat_config(args: argparse.Namespace) -> SATConfig:
+    """The validated SAT config; exits with status 2 on a bad setting."""
+    try:
+        return sat_config_from_args(args).validate_model(
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=(args.num_query_groups if args.group_query_attention
+                              else args.num_attention_heads),
+            ffn_hidden_size=args.ffn_hidden_size,
+            tp_size=args.tensor_model_parallel_size)
+    except SATConfigError as error:
+        _fail(str(error))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _layer_spec(sat_config: SATConfig, model_config, vp_stage=None):
+    """The transformer layer spec of every GPT layer: the SAT layer spec."""
+    return get_sat_layer_spec(sat_config, qk_layernorm=model_config.qk_layernorm)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _is_dataset_built_on_rank() -> bool:
+    """Only the first and last pipeline stages read data, and only tensor-parallel rank 0
+    of each; the others receive the batch by broadcast."""
+    return (mpu.is_pipeline_first_stage(ignore_virtual=True)
+            or mpu.is_pipeline_last_stage(ignore_virtual=True)
+            ) and mpu.get_tensor_model_parallel_rank() == 0
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """GPT datasets over ``.bin/.idx`` files (``--data-path``) or mock data."""
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        multiple_validation_sets=args.multiple_validation_sets,
+        full_validation=args.full_validation,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples,
+                                         _is_dataset_built_on_rank, config).build()
+
+
+# Every rank calls the provider: the dataset builder synchronises all ranks internally.
+train_valid_test_datasets_provider.is_distributed = True
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _get_batch(data_iterator, vp_stage=None) -> dict:
+    """This micro-batch on every tensor-parallel rank (read on rank 0, broadcast)."""
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return {}
+    args = get_args()
+    data = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else None
+    batch = tensor_parallel.broadcast_data(["tokens", "labels", "position_ids"], data,
+                                           torch.int64)
+    batch.update(tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32))
+    if args.create_attention_mask_in_dataloader:
+        batch.update(tensor_parallel.broadcast_data(["attention_mask"], data, torch.bool))
+    return batch
+
+
+class _Run:
+    """What the step functions need beyond megatron's args: set once in :func:`main`."""
+
+    sat_config: SATConfig
+    meter: ThroughputMeter
+
+
+def _start_micro_batch(args: argparse.Namespace) -> float:
+    """Tell SAT the iteration being trained; returns its omission rate (Eq. 11)."""
+    runtime.set_iteration(args.curr_iteration)
+    rate = omission_rate_at(_Run.sat_config, args.curr_iteration)
+    _Run.meter.start_iteration(args.curr_iteration, rate)
+    return rate
+
+
+def loss_func(loss_mask: torch.Tensor, rate: float | None, output_tensor: torch.Tensor):
+    """Masked language-model loss of one micro-batch.
+
+    Returns ``(loss summed over tokens, token count, report)``: megatron divides by the
+    token count itself. Each report entry is ``[sum, count]``; megatron sums both over
+    micro-batches and data-parallel ranks and logs ``sum / count``.
+    """
+    args = get_args()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(output_tensor.view(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    if args.check_for_nan_in_loss_and_grad:
+        get_rerun_state_machine().validate_result(
+            result=loss, rejection_func=torch.isnan,
+            message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
+    count = num_tokens.float().view(1)
+    report = {"lm loss": torch.cat([loss.detach().view(1), count])}
+    if rate is not None:
+        # Token-weighted like the loss, so the logged value is the rate itself.
+        report["sat omission rate"] = torch.cat([rate * count, count])
+    return loss, num_tokens, report
+
+
+def forward_step(data_iterator, model, vp_stage=None):
+    """One micro-batch forward; megatron's schedule applies ``loss_func`` to the output.
+
+    ``get_args().curr_iteration`` is the 0-based iteration being computed.
+    """
+    rate = _start_micro_batch(get_args()) if model.training else None
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    batch = _get_batch(data_iterator, vp_stage)
+    timers("batch-generator").stop()
+    output_tensor = model(batch.get("tokens"), batch.get("position_ids"),
+                          batch.get("attention_mask"), labels=batch.get("labels"))
+    return output_tensor, partial(loss_func, batch.get("loss_mask"), rate)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        _print_help()
+        return
+    cpu.enable_cpu_mode()
+    megatron_fixes.apply()
+    # Megatron's parser has no side effects; check the data before it validates and
+    # builds the tokenizer, writers and process groups.
+    _check_data_paths(parse_args(add_sat_arguments))
+    args = parse_and_validate_args(add_sat_arguments)
+    sat_config = _sat_config(args)
+    _Run.sat_config = sat_config
+    _Run.meter = ThroughputMeter(args.global_batch_size * args.seq_length, args.log_interval,
+                                 args.world_size)
+    runtime.set_dummy_wgrad(args.overlap_grad_reduce)
+    model_config = gpt_config_from_args(args)
+    model_config.transformer_layer_spec = partial(_layer_spec, sat_config)
+    pretrain(pretrain_cfg_container_from_args(args, model_config),
+             train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+
+
+if __name__ == "__main__":
+    main()
