@@ -275,6 +275,44 @@ def stock_equivalence(tp):
     return out
 
 
+def stock_model_equivalence(tp):
+    """r = 0: GPTModel with the SAT spec vs megatron-core's stock local GPT spec.
+
+    Same seed, so the same parameters (names, shapes, values); the logits and every
+    gradient then agree up to the attention kernel's rounding (SDPA vs the local
+    DotProductAttention).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron_sat.spec import get_sat_layer_spec
+    cfg = transformer_config(tp, False, heads=8, groups=4)
+    cfg.num_layers = 2
+    cfg.normalization = "RMSNorm"
+    specs = {"stock": get_gpt_layer_local_spec(normalization="RMSNorm"),
+             "sat": get_sat_layer_spec(SATConfig(omission_rate=0.0))}
+    tokens = torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
+    out = {}
+    for name, spec in specs.items():
+        reseed(31)
+        model = GPTModel(cfg, spec, vocab_size=128, max_sequence_length=SEQ,
+                         position_embedding_type="rope", share_embeddings_and_output_weights=False)
+        logits = model(tokens, positions, mask)
+        (logits.float() * shared_randn(*logits.shape, seed=4)).sum().backward()
+        out[name] = (logits.detach(), {n: (p.detach().clone(), p.grad)
+                                       for n, p in model.named_parameters()})
+    (l_stock, p_stock), (l_sat, p_sat) = out["stock"], out["sat"]
+    same_params = (list(p_stock) == list(p_sat)
+                   and all(torch.equal(p_stock[n][0], p_sat[n][0]) for n in p_stock))
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    grad_err = max(rel(p_sat[n][1], p_stock[n][1]) for n in p_stock)
+    return {"case": f"stock gpt model tp{tp}", "same_params": same_params,
+            "max_rel_error": max(rel(l_sat, l_stock), grad_err), "num_params": len(p_stock)}
+
+
 def recompute_case(tp):
     """Full activation recompute of a SAT MLP reuses the first forward's channels."""
     from megatron.core import tensor_parallel
@@ -316,6 +354,7 @@ def main(path):
     records.append(mlp_case(tp, False, True, False, "wanda", use_main_grad=False))
     records.append(attention_case(tp, tp > 1, 8, 4, "heads", "magnitude", use_main_grad=True))
     records += stock_equivalence(tp)
+    records.append(stock_model_equivalence(tp))
     runtime.set_iteration(3)
     records.append(recompute_case(tp))
     if dist.get_rank() == 0:

@@ -82,6 +82,15 @@ def test_rate_zero_matches_stock_megatron_attention(records):
     assert recs[f"stock attention tp{tp}"]["max_error"] < 1e-5
 
 
+def test_rate_zero_gpt_model_equals_stock_megatron_gpt(records):
+    """Same parameters (names, shapes, values) and, up to kernel rounding, same logits and
+    gradients as megatron-core's stock local GPT layer spec."""
+    tp, recs = records
+    r = recs[f"stock gpt model tp{tp}"]
+    assert r["same_params"] and r["num_params"] > 10
+    assert r["max_rel_error"] < 1e-5
+
+
 def test_recompute_reuses_indices_and_gives_identical_gradients(records):
     tp, recs = records
     r = recs[f"recompute tp{tp}"]

@@ -1,0 +1,162 @@
+"""Layer-level benchmark: SAT MLP / attention vs dense, and vs a dense layer of the kept size.
+
+One GPU, bf16, forward + backward including selection, with megatron-style ``main_grad``
+buffers attached (as under megatron's DDP). For each block and rate it reports the time of
+
+* ``dense``: the stock layer (SAT at r = 0 runs megatron-core's own code),
+* ``sat``: the SAT layer at rate r,
+* ``kept``: a dense layer whose width is the kept width (the ideal for SAT),
+
+and the ratios dense/sat (speedup), kept/sat (how close to ideal), plus a torch.profiler
+table of the SAT layer's top kernels. Writes JSON.
+
+    python benchmarks/bench_layers.py --out results/layers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+SHAPE = dict(hidden=2048, heads=32, groups=4, ffn=5632, seq=2048, batch=4)  # TinyLlama
+
+
+def setup():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    ps.initialize_model_parallel(1)
+    model_parallel_cuda_manual_seed(0)
+
+
+def config(heads, groups, ffn):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    return TransformerConfig(
+        num_layers=1, hidden_size=SHAPE["hidden"], num_attention_heads=heads,
+        num_query_groups=groups, kv_channels=SHAPE["hidden"] // SHAPE["heads"],
+        ffn_hidden_size=ffn, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, bias_activation_fusion=True, bf16=True,
+        params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
+        gradient_accumulation_fusion=False)
+
+
+def build(block, rate, heads=None, groups=None, ffn=None):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.attention import SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron_sat.attention import SATSelfAttention
+    from megatron_sat.config import SATConfig
+    from megatron_sat.core_attention import SDPAttention
+    from megatron_sat.mlp import SATMLP
+    from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear
+    cfg = config(heads or SHAPE["heads"], groups or SHAPE["groups"], ffn or SHAPE["ffn"])
+    sat = SATConfig(omission_rate=rate, metric="maxip", selection="sampling")
+    pg = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+    if block == "mlp":
+        m = SATMLP.as_mlp_submodule(
+            submodules=MLPSubmodules(linear_fc1=SATColumnParallelLinear,
+                                     linear_fc2=SATRowParallelLinear),
+            config=cfg, pg_collection=pg, is_mtp_layer=False, sat_config=sat,
+            ffn_hidden_size=cfg.ffn_hidden_size)
+        m.set_layer_number(1)
+    else:
+        m = SATSelfAttention(cfg, SelfAttentionSubmodules(
+            linear_qkv=SATColumnParallelLinear, core_attention=SDPAttention,
+            linear_proj=SATRowParallelLinear), layer_number=1,
+            attn_mask_type=AttnMaskType.causal, pg_collection=pg, sat_config=sat)
+    m = m.cuda().train()
+    for p in m.parameters():
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        p.grad_added_to_main_grad = False
+    return m
+
+
+def step_fn(m, block):
+    x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
+                    dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn_like(x)
+    it = [0]
+
+    def step():
+        from megatron_sat import runtime
+        runtime.set_iteration(it[0])
+        it[0] += 1
+        y, _ = m(x) if block == "mlp" else m(x, None)
+        y.backward(gy)
+        for p in m.parameters():
+            p.grad = None
+    return step
+
+
+def timed(step, iters=20, warmup=5):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def profile_table(step, rows=18):
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--profile-rate", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=SHAPE["batch"],
+                    help="micro-batch size (sequences of 2048 tokens)")
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    SHAPE["batch"] = a.batch
+    setup()
+    results, tables = [], {}
+    for block in ("mlp", "attention"):
+        dense_ms = timed(step_fn(build(block, 0.0), block))
+        for r in a.rates:
+            sat_m = build(block, r)
+            sat_ms = timed(step_fn(sat_m, block))
+            if block == "mlp":
+                kept = build(block, 0.0, ffn=SHAPE["ffn"] - int(SHAPE["ffn"] * r))
+            else:
+                qpg = SHAPE["heads"] // SHAPE["groups"]
+                kept = build(block, 0.0, heads=SHAPE["groups"] * (qpg - int(qpg * r)))
+            kept_ms = timed(step_fn(kept, block))
+            rec = {"block": block, "rate": r, "dense_ms": dense_ms, "sat_ms": sat_ms,
+                   "kept_ms": kept_ms, "speedup": dense_ms / sat_ms,
+                   "ideal_speedup": dense_ms / kept_ms, "sat_vs_kept": kept_ms / sat_ms}
+            print(json.dumps(rec))
+            results.append(rec)
+            if r == a.profile_rate and not a.no_profile:
+                tables[block] = profile_table(step_fn(sat_m, block))
+                print(tables[block])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"shape": SHAPE, "results": results, "profiles": tables},
+                                indent=1))
+
+
+if __name__ == "__main__":
+    main()
