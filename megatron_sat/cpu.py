@@ -43,10 +43,7 @@ def enable_cpu_mode() -> None:
 
 
 def _returns(value):
-    """A new function object that ignores its arguments and returns ``value``.
-
-    Each stub must be its own object: dynamo rejects one function bound to several names.
-    """
+    """A new function that ignores its arguments and returns ``value``."""
 
     def stub(*args, **kwargs):
         return value
@@ -79,21 +76,17 @@ def _stub_torch_cuda() -> None:
     cuda.Stream = _Stream
     cuda.Event = _Stream
     cuda.current_stream = _returns(_Stream())
-    cuda.default_stream = _returns(_Stream())
     cuda.stream = _returns(contextlib.nullcontext())
-    # Memory statistics and cache control: report nothing in use.
+    # Memory statistics (megatron's memory report) and cache control: nothing in use.
     cuda.empty_cache = _returns(None)
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved"):
         setattr(cuda, name, _returns(0))
-    cuda.memory_stats = _returns({})
-    cuda.reset_peak_memory_stats = _returns(None)
-    # The "CUDA" RNG is the CPU generator (checkpoints save and restore it, dropout uses it).
+    # The "CUDA" generator is the CPU one: dropout draws from it, megatron seeds it and
+    # saves/restores it in checkpoints.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which would recurse.
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
 
 
 def _patch_torch_distributed() -> None:
@@ -132,9 +125,10 @@ def _patch_megatron() -> None:
     # pretrain() asserts torch.cuda.is_available() unless allow_no_cuda is passed.
     training.initialize_megatron = functools.partial(
         initialize.initialize_megatron, allow_no_cuda=True)
-    # The JIT warm-up only compiles fused GPU kernels.
+    # The JIT warm-up draws random tensors "on the GPU"; here they would come from the
+    # generator that --use-cpu-initialization uses, by amounts that depend on TP.
     initialize._warmup_jit_function = _returns(None)
-    # Reads the GPU's compute capability; report pre-Blackwell (8: Ampere).
+    # validate_args reads the GPU's compute capability for TP > 1; report 8 (Ampere).
     arguments.get_device_arch_version = _returns(8)
     # The tensor-parallel RNG tracker swaps "CUDA" generator states: use the CPU ones.
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

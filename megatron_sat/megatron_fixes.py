@@ -75,10 +75,12 @@ def _with_torch_adam_state(state_dict):
     def wrapper(self):
         if _is_torch_adam(self.optimizer):
             for group in self.optimizer.param_groups:
+                on_device = group.get("capturable") or group.get("fused")
                 for param in group["params"]:
                     state = self.optimizer.state[param]
                     if not state:  # what torch.optim.Adam(W) creates in its first step
-                        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                        state["step"] = torch.zeros(
+                            (), dtype=torch.float32, device=param.device if on_device else None)
                         state["exp_avg"] = torch.zeros_like(param)
                         state["exp_avg_sq"] = torch.zeros_like(param)
         return state_dict(self)
@@ -96,7 +98,8 @@ def _with_checkpoint_step(load_state_dict):
         if len(steps) == 1:
             (step,) = steps
             for state in self.optimizer.state.values():
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+                if isinstance(state.get("step"), torch.Tensor):  # keep torch's device, dtype
+                    state["step"] = torch.full_like(state["step"], float(step))
 
     return wrapper
 
