@@ -12,11 +12,15 @@ from megatron_sat.config import (DP_SELECTIONS, GQA_MODES, METRICS, MODULES, SCO
                                  SELECTIONS, SATConfig)
 
 
-def _rate(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(
             f"{value} is outside [0, 1); use 0 for dense training, e.g. 0.5 to omit half")
@@ -24,10 +28,7 @@ def _rate(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not value > 0.0:
         raise argparse.ArgumentTypeError(f"{value} must be > 0")
     return value

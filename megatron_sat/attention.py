@@ -20,8 +20,6 @@ For multi-head attention (one head per group) both modes select heads, with thei
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
@@ -79,12 +77,13 @@ class SATSelfAttention(SelfAttention):
         sel = self.sat.draw(lambda: self.head_scores(hidden_states),
                             lambda s, g: self.choose_heads(s, rate, g), hidden_states.device)
         hn, qpg = self.hidden_size_per_attention_head, self.q_per_group
-        with ExitStack() as stack:
-            stack.enter_context(keep((self.linear_qkv, sel.qkv_rows(qpg, hn)),
-                                     (self.linear_proj, sel.proj_columns(qpg, hn))))
-            self._layout = (sel.queries.shape[0], sel.queries.shape[1])
-            stack.callback(setattr, self, "_layout", None)
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        with keep((self.linear_qkv, sel.qkv_rows(qpg, hn)),
+                  (self.linear_proj, sel.proj_columns(qpg, hn))):
+            self._layout = tuple(sel.queries.shape)  # (kept groups, kept queries per group)
+            try:
+                return super().forward(hidden_states, attention_mask, *args, **kwargs)
+            finally:
+                self._layout = None
 
     def head_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Eq. 5-7: [groups_local, q_per_group] scores of the local query heads."""
