@@ -24,7 +24,7 @@ from megatron_sat import cpu, megatron_fixes, runtime
 from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
-from megatron_sat.spec import get_sat_layer_spec
+from megatron_sat.spec import get_sat_block_spec
 from megatron_sat.throughput import ThroughputMeter
 
 from megatron.core import mpu, tensor_parallel
@@ -104,9 +104,9 @@ def _sat_config(args: argparse.Namespace) -> SATConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def _layer_spec(sat_config: SATConfig, model_config, vp_stage=None):
-    """The transformer layer spec of every GPT layer: the SAT layer spec."""
-    return get_sat_layer_spec(sat_config, qk_layernorm=model_config.qk_layernorm)
+def _block_spec(sat_config: SATConfig, model_config, vp_stage=None):
+    """This pipeline stage's transformer block: SAT layers and a final norm."""
+    return get_sat_block_spec(sat_config, model_config, vp_stage)
 
 
 # ----------------------------------------------------------------------------- data
@@ -241,7 +241,7 @@ def main() -> None:
                                  args.world_size)
     runtime.set_dummy_wgrad(args.overlap_grad_reduce)
     model_config = gpt_config_from_args(args)
-    model_config.transformer_layer_spec = partial(_layer_spec, sat_config)
+    model_config.transformer_layer_spec = partial(_block_spec, sat_config)
     pretrain(pretrain_cfg_container_from_args(args, model_config),
              train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 

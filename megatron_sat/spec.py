@@ -16,6 +16,10 @@ norms                  :class:`~megatron_sat.norm.TorchNorm` (sequence-parallel 
 Parameter names and sharding are megatron-core's, so checkpoints are interchangeable
 with the stock local spec. A block left out of ``--sat-modules`` uses the stock class.
 The spec feeds megatron-core's ``GPTModel`` (see docs/design.md for why not HybridModel).
+
+:func:`get_sat_block_spec` wraps it into the whole block so that the final norm is a
+:class:`~megatron_sat.norm.TorchNorm` too: megatron's default final norm for a bare layer
+spec cannot run with sequence parallelism without Transformer Engine or Apex.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_layer import (TransformerLayer,
                                                          TransformerLayerSubmodules)
 
@@ -76,3 +82,12 @@ def get_sat_layer_spec(sat_config: SATConfig, *, qk_layernorm: bool = False) -> 
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
             }))
+
+
+def get_sat_block_spec(sat_config: SATConfig, model_config,
+                       vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The ``TransformerBlock`` submodules of this pipeline stage: its SAT layers and a
+    sequence-parallel-capable final norm."""
+    layer = get_sat_layer_spec(sat_config, qk_layernorm=model_config.qk_layernorm)
+    count = get_num_layers_to_build(model_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=TorchNorm)
