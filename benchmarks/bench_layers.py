@@ -7,7 +7,8 @@ buffers attached (as under megatron's DDP). For each block and rate it reports t
 * ``sat``: the SAT layer at rate r,
 * ``kept``: a dense layer whose width is the kept width (the ideal for SAT),
 
-and the ratios dense/sat (speedup), kept/sat (how close to ideal), plus a torch.profiler
+the time of selection alone (scores + sampling, run back to back: ``selection_ms``), and
+the ratios dense/sat (speedup), kept/sat (how close to ideal), plus a torch.profiler
 table of the SAT layer's top kernels. Writes JSON.
 
     python benchmarks/bench_layers.py --out results/layers.json
@@ -18,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPE = dict(hidden=2048, heads=32, groups=4, ffn=5632, seq=2048, batch=4)  # TinyLlama
 
@@ -98,6 +102,27 @@ def step_fn(m, block):
     return step
 
 
+def selection_fn(m, block, rate):
+    """Selection alone, as the SAT layer runs it: the Eq. 5 statistic and scores, then
+    (Gumbel-)top-k, and for attention the kept QKV rows and output-projection columns."""
+    from megatron_sat.config import kept_count
+    x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
+                    dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda")
+
+    @torch.no_grad()
+    def step():
+        gen.manual_seed(0)
+        if block == "mlp":
+            s = m.channel_scores(x)
+            m.sat.pick(s, kept_count(s.numel(), rate), gen)
+        else:
+            sel = m.choose_heads(m.head_scores(x), rate, gen)
+            hn, qpg = m.hidden_size_per_attention_head, m.q_per_group
+            sel.qkv_rows(qpg, hn), sel.proj_columns(qpg, hn)
+    return step
+
+
 def timed(step, iters=20, warmup=5):
     for _ in range(warmup):
         step()
@@ -109,6 +134,22 @@ def timed(step, iters=20, warmup=5):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def synchronizing_calls(step) -> list[str]:
+    """Messages of every host-device synchronisation that one step triggers (torch's sync
+    debug mode); a sync stalls the launch queue, so SAT's step should have none."""
+    import warnings
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] for w in caught]
 
 
 def profile_table(step, rows=18):
@@ -145,11 +186,15 @@ def main():
                 qpg = SHAPE["heads"] // SHAPE["groups"]
                 kept = build(block, 0.0, heads=SHAPE["groups"] * (qpg - int(qpg * r)))
             kept_ms = timed(step_fn(kept, block))
+            selection_ms = timed(selection_fn(sat_m, block, r))
             rec = {"block": block, "rate": r, "dense_ms": dense_ms, "sat_ms": sat_ms,
-                   "kept_ms": kept_ms, "speedup": dense_ms / sat_ms,
-                   "ideal_speedup": dense_ms / kept_ms, "sat_vs_kept": kept_ms / sat_ms}
+                   "kept_ms": kept_ms, "selection_ms": selection_ms,
+                   "speedup": dense_ms / sat_ms, "ideal_speedup": dense_ms / kept_ms,
+                   "sat_vs_kept": kept_ms / sat_ms, "selection_share": selection_ms / sat_ms}
             print(json.dumps(rec))
             results.append(rec)
+            if r == a.profile_rate:
+                rec["synchronizing_calls"] = synchronizing_calls(step_fn(sat_m, block))
             if r == a.profile_rate and not a.no_profile:
                 tables[block] = profile_table(step_fn(sat_m, block))
                 print(tables[block])

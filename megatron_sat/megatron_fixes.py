@@ -27,6 +27,15 @@ bug cannot occur.
       model parameters, the copy runs with autograd on ("a view of a leaf Variable that
       requires grad is being used in an in-place operation"). Wrapped to run under
       ``torch.no_grad()`` and to leave ``step`` to (b).
+
+3. megatron's fused SwiGLU (``jit_fuser`` = ``torch.compile``) meets a second input
+   width as soon as SAT changes the kept MLP width (r > 0, every LORS ladder, dense
+   evaluation). torch then recompiles it for *dynamic* shapes, and the generic kernel
+   is several times slower: on an H100 the dense SwiGLU backward of TinyLlama took
+   18 ms per micro-batch after the switch against about 2 ms for the static kernel
+   (benchmarks/results, docs/performance.md). Turned off automatic dynamic shapes, so
+   every width gets its own static kernel, and raised the recompile limit to leave room
+   for one width per LORS ladder.
 """
 
 from __future__ import annotations
@@ -53,6 +62,18 @@ def apply() -> None:
         DistributedOptimizer.load_state_dict)
     DistributedOptimizer._set_main_param_and_optimizer_states = _without_step_no_grad(
         DistributedOptimizer._set_main_param_and_optimizer_states)
+    _static_shape_fusions()
+
+
+# A few compiled fusions (SwiGLU forward and backward) times one width per rate.
+RECOMPILE_LIMIT = 64
+
+
+def _static_shape_fusions() -> None:
+    """Compile megatron's fusions once per SAT width, never for dynamic shapes (fix 3)."""
+    config = torch._dynamo.config
+    config.automatic_dynamic_shapes = False
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def _check_dataset_helpers() -> None:

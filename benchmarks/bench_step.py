@@ -1,0 +1,188 @@
+"""Whole training step, SAT vs dense, in ONE run of ``pretrain_sat.py``.
+
+Each case is one launch of the real entry point (megatron's training loop, bf16, the
+distributed optimizer, mock data) that trains ``--sat-iters`` iterations at omission rate
+r and then ``--dense-iters`` dense iterations. The switch is LORS with a single ladder
+(``--sat-lors-start N --sat-lors-ladders 1``: Eq. 11 gives r up to step N and 0 after),
+so both phases share the process, the model, the memory pool and the GPU clocks. The rate
+of every iteration is read back from megatron's log line, never assumed.
+
+For each phase it reports the median iteration time (after warm-up), tokens/s, model
+TFLOP/s and MFU (megatron_sat.flops, 989 TFLOP/s peak), and the SAT/dense ratio next to
+the ideal ratio (dense FLOPs over SAT FLOPs, everything that does not shrink included).
+With ``--profile`` megatron's torch profiler records two SAT and two dense iterations and
+``profile_summary.py`` turns the trace into a table of where the GPU time goes.
+
+    python benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 \
+        --global-batch-size 32 --out benchmarks/results/step_tinyllama_mbs4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from profile_summary import summarize  # noqa: E402
+from megatron_sat.flops import ModelShape, padded_vocab_size, step_flops  # noqa: E402
+
+SHAPES = {
+    # layers, hidden, heads, kv groups, ffn, vocab, seq
+    "tinyllama": dict(layers=22, hidden=2048, heads=32, groups=4, ffn=5632, vocab=32000,
+                      seq=2048),
+    "llama2-7b-8l": dict(layers=8, hidden=4096, heads=32, groups=32, ffn=11008, vocab=32000,
+                         seq=4096),
+    "tiny": dict(layers=2, hidden=64, heads=4, groups=2, ffn=128, vocab=256, seq=64),
+}
+
+# What megatron-core offers without Transformer Engine or Apex. Always on: the fused
+# SwiGLU (megatron's default), torch SDPA flash/cuDNN attention (SAT's core attention).
+TUNED = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
+         "--manual-gc", "--manual-gc-interval", "50"]
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+
+
+def model_args(s: dict) -> list[str]:
+    return [
+        "--num-layers", str(s["layers"]), "--hidden-size", str(s["hidden"]),
+        "--num-attention-heads", str(s["heads"]), "--group-query-attention",
+        "--num-query-groups", str(s["groups"]), "--ffn-hidden-size", str(s["ffn"]),
+        "--seq-length", str(s["seq"]), "--max-position-embeddings", str(s["seq"]),
+        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+        "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+        "--attention-dropout", "0", "--hidden-dropout", "0",
+        # need Transformer Engine or Apex
+        "--no-rope-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+    ]
+
+
+def shape_of(s: dict) -> ModelShape:
+    return ModelShape(num_layers=s["layers"], hidden_size=s["hidden"],
+                      ffn_hidden_size=s["ffn"], num_attention_heads=s["heads"],
+                      num_query_groups=s["groups"], kv_channels=s["hidden"] // s["heads"],
+                      seq_length=s["seq"], padded_vocab_size=padded_vocab_size(s["vocab"]))
+
+
+_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)"
+                   r".*?lm loss: ([\d.E+-]+).*?sat omission rate: ([\d.E+-]+)")
+_MEM = re.compile(r"max allocated: ([\d.]+)")
+
+
+def run_case(a, s: dict, log_dir: Path) -> dict:
+    total = a.sat_iters + a.dense_iters
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           "--master-port", str(a.port), str(ROOT / "pretrain_sat.py"), *model_args(s),
+           "--micro-batch-size", str(a.micro_batch_size),
+           "--global-batch-size", str(a.global_batch_size), "--train-iters", str(total),
+           "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
+           "--mock-data", "--tokenizer-type", "NullTokenizer",
+           "--vocab-size", str(s["vocab"] - 1), "--bf16", "--use-distributed-optimizer",
+           "--log-interval", "1", "--eval-iters", "0",
+           "--eval-interval", "100000", "--seed", "1234",
+           "--tensorboard-dir", str(log_dir / "tensorboard"),
+           "--sat-omission-rate", str(a.rate), "--sat-metric", a.metric,
+           "--sat-selection", a.selection, "--sat-gqa-mode", a.gqa_mode,
+           "--sat-lors-start", str(a.sat_iters), "--sat-lors-ladders", "1",
+           *(TUNED if a.flags == "tuned" else []), *a.extra]
+    profiled: set[int] = set()
+    if a.profile:
+        # Profiled: two SAT and two dense iterations around the switch, after a profiler
+        # warm-up; then the trace is written. None of the iterations near them is timed.
+        start = a.sat_iters - 2
+        cmd += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
+                "--profile-step-end", str(start + 4)]
+        profiled = set(range(start - 2, start + 7))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    log = proc.stdout + proc.stderr
+    (log_dir / "pretrain.log").write_text(log)
+    if proc.returncode != 0:  # e.g. the dense phase runs out of memory: keep the SAT one
+        print(f"pretrain_sat.py exited with {proc.returncode}:\n{log[-3000:]}")
+    rows = [(int(i), float(ms), float(loss), float(rate))
+            for i, ms, loss, rate in _LINE.findall(log)]
+    tokens = a.global_batch_size * s["seq"]
+    shape = shape_of(s)
+    phases = {}
+    for name, rate, first in (("sat", a.rate, a.warmup + 1), ("dense", 0.0,
+                                                               a.sat_iters + 3)):
+        times = [ms for i, ms, _, r in rows
+                 if abs(r - rate) < 1e-9 and i >= first and i not in profiled]
+        if not times:
+            phases[name] = None
+            continue
+        ms = statistics.median(times)
+        flops = step_flops(shape, tokens, rate, gqa_mode=a.gqa_mode)
+        phases[name] = {"rate": rate, "timed_iterations": len(times), "median_ms": ms,
+                        "tokens_per_s": tokens / (ms / 1e3),
+                        "model_tflops_per_s": flops / (ms / 1e3) / 1e12,
+                        "mfu": flops / (ms / 1e3) / 1e12 / PEAK_TFLOPS}
+    dense_flops = step_flops(shape, tokens, 0.0)
+    sat, dense = phases["sat"], phases["dense"]
+    if sat:
+        sat["dense_equivalent_tflops_per_s"] = dense_flops / (sat["median_ms"] / 1e3) / 1e12
+    result = {"case": a.name, "shape": a.shape, **s, "micro_batch_size": a.micro_batch_size,
+              "global_batch_size": a.global_batch_size, "flags": a.flags,
+              "extra": a.extra, "returncode": proc.returncode, "phases": phases,
+              "speedup": dense["median_ms"] / sat["median_ms"] if sat and dense else None,
+              "ideal_speedup": dense_flops / step_flops(shape, tokens, a.rate,
+                                                        gqa_mode=a.gqa_mode),
+              "max_allocated_mb": [float(m) for m in _MEM.findall(log)][:3],
+              "iterations": [{"iteration": i, "ms": ms, "loss": loss, "rate": r}
+                             for i, ms, loss, r in rows],
+              "wall_s": time.time() - t0}
+    if result["speedup"]:
+        result["fraction_of_ideal"] = ((result["speedup"] - 1)
+                                       / (result["ideal_speedup"] - 1))
+    if a.profile:
+        traces = sorted((log_dir / "torch_profile").glob("rank-*.json.gz"))
+        result["profile"] = summarize(traces[0], last_sat_step=a.sat_iters) if traces else None
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="tinyllama")
+    p.add_argument("--name", default=None, help="case name in the JSON (default: shape)")
+    p.add_argument("--rate", type=float, default=0.5)
+    p.add_argument("--metric", default="maxip")
+    p.add_argument("--selection", default="sampling")
+    p.add_argument("--gqa-mode", default="heads")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--sat-iters", type=int, default=12)
+    p.add_argument("--dense-iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--flags", choices=["baseline", "tuned"], default="tuned")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--port", type=int, default=29533)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("extra", nargs="*", help="more pretrain_sat.py flags (after --)")
+    a = p.parse_args()
+    a.name = a.name or a.shape
+    s = SHAPES[a.shape]
+    log_dir = a.out.with_suffix("")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    r = run_case(a, s, log_dir)
+    a.out.write_text(json.dumps(r, indent=1))
+    sat, dense = r["phases"]["sat"], r["phases"]["dense"]
+    if not (sat and dense):
+        sys.exit(f"{a.name}: SAT {sat}, dense {dense} (see {log_dir}/pretrain.log)")
+    print(f"{a.name}: dense {dense['median_ms']:.1f} ms {dense['tokens_per_s']:,.0f} tok/s "
+          f"MFU {dense['mfu']:.1%} | SAT r={a.rate} {sat['median_ms']:.1f} ms "
+          f"{sat['tokens_per_s']:,.0f} tok/s | speedup {r['speedup']:.3f} "
+          f"(ideal {r['ideal_speedup']:.3f}, {r['fraction_of_ideal']:.0%} of the ideal gain)")
+
+
+if __name__ == "__main__":
+    main()
