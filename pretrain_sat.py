@@ -25,7 +25,7 @@ from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
 from megatron_sat.spec import get_sat_block_spec
-from megatron_sat.throughput import ThroughputMeter
+from megatron_sat.throughput import ThroughputMeter, meter_from_args
 
 from megatron.core import mpu, tensor_parallel
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -33,7 +33,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.enums import ModelType
 from megatron.core.rerun_state_machine import get_rerun_state_machine
-from megatron.training import get_args, get_timers, get_tokenizer, pretrain
+from megatron.training import (get_args, get_tensorboard_writer, get_timers, get_tokenizer,
+                               pretrain)
 from megatron.training.argument_utils import (gpt_config_from_args,
                                               pretrain_cfg_container_from_args)
 from megatron.training.arguments import (add_megatron_arguments, parse_and_validate_args,
@@ -173,13 +174,15 @@ class _Run:
     """What the step functions need beyond megatron's args: set once in :func:`main`."""
 
     sat_config: SATConfig
-    meter: ThroughputMeter
+    meter: ThroughputMeter | None = None  # built at the first training forward
 
 
 def _start_micro_batch(args: argparse.Namespace) -> float:
     """Tell SAT the iteration being trained; returns its omission rate (Eq. 11)."""
     runtime.set_iteration(args.curr_iteration)
     rate = omission_rate_at(_Run.sat_config, args.curr_iteration)
+    if _Run.meter is None:  # needs the padded vocabulary and the TensorBoard writer
+        _Run.meter = meter_from_args(args, _Run.sat_config, get_tensorboard_writer())
     _Run.meter.start_iteration(args.curr_iteration, rate)
     return rate
 
@@ -237,8 +240,6 @@ def main() -> None:
     args = parse_and_validate_args(add_sat_arguments)
     sat_config = _sat_config(args)
     _Run.sat_config = sat_config
-    _Run.meter = ThroughputMeter(args.global_batch_size * args.seq_length, args.log_interval,
-                                 args.world_size)
     runtime.set_dummy_wgrad(args.overlap_grad_reduce)
     model_config = gpt_config_from_args(args)
     model_config.transformer_layer_spec = partial(_block_spec, sat_config)

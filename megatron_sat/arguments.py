@@ -1,12 +1,14 @@
 """The ``--sat-*`` command-line flags, added to megatron's parser as extra arguments.
 
 :func:`add_sat_arguments` is megatron's ``extra_args_provider``; :func:`sat_config_from_args`
-turns the parsed namespace into a validated :class:`~megatron_sat.config.SATConfig`.
+turns the parsed namespace into a validated :class:`~megatron_sat.config.SATConfig`. The
+throughput logger's flags (``megatron_sat/throughput.py``) are a group of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from megatron_sat.config import (DP_SELECTIONS, GQA_MODES, METRICS, MODULES, SCORE_SCALES,
                                  SELECTIONS, SATConfig)
@@ -63,7 +65,30 @@ def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "group so every rank trains the same sub-network.")
     g.add_argument("--sat-modules", nargs="+", choices=MODULES, default=list(MODULES),
                    help="Blocks to sparsify (default: mlp attention).")
+    _add_throughput_arguments(parser)
     return parser
+
+
+def _jsonl_path(text: str) -> str:
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. "
+                                         f"{os.path.join(text, 'throughput.jsonl')}")
+    return text
+
+
+def _add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "SAT throughput logger", "One line per --log-interval with tokens/s, model TFLOP/s "
+        "per GPU (computed and dense-equivalent), MFU, omission rate and peak memory; also "
+        "written to TensorBoard and a JSONL file.")
+    g.add_argument("--sat-peak-tflops", type=_positive_float, default=None, metavar="TFLOPS",
+                   help="Peak dense TFLOP/s of one GPU for the MFU. Default: from the GPU "
+                        "name for bf16/fp16 runs (H100 and H200 989, their NVL versions 835, "
+                        "H100 PCIe 756, A100 312); otherwise MFU is not reported.")
+    g.add_argument("--sat-throughput-jsonl", type=_jsonl_path, default=None, metavar="PATH",
+                   help="JSONL file of the throughput log, one object per log interval, "
+                        "appended to on resume. Default: throughput.jsonl in "
+                        "--tensorboard-dir, else in --save, else none.")
 
 
 def sat_config_from_args(args: argparse.Namespace) -> SATConfig:
