@@ -14,7 +14,7 @@ step() { echo "== $(date +%T) $*"; "$PY" "$@" || { echo "FAILED: $*"; status=1; 
 # whole step: TinyLlama at micro-batch 4 (profiled), 8 and 16; Llama-2-7B layers at 1
 step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 --global-batch-size 32 \
   --sat-iters 14 --profile --out "$OUT/step_tinyllama_mbs4.json"
-for mbs in 8 16; do
+for mbs in 16; do
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size "$mbs" \
     --global-batch-size 32 --out "$OUT/step_tinyllama_mbs$mbs.json"
 done

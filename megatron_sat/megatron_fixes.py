@@ -36,6 +36,14 @@ bug cannot occur.
    (benchmarks/results, docs/performance.md). Turned off automatic dynamic shapes, so
    every width gets its own static kernel, and raised the recompile limit to leave room
    for one width per LORS ladder.
+
+4. ``--use-cpu-initialization`` on a GPU (the way to get the same initial weights at any
+   TP size): the model builder of megatron.training 0.19.2
+   (``models/dist_utils.unimodal_build_distributed_models``) skips moving the model to
+   the GPU whenever that flag is set, not only under FSDP2 as ``training.get_model``
+   does, so the optimizer then fails with "Wrapped parameters must be one of
+   torch.cuda.FloatTensor ...". Wrapped the step that follows (the mixed-precision
+   wrapper) to move the chunks to the current GPU first, as ``get_model`` would.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import importlib
 
 import torch
 import megatron.core.datasets.utils as dataset_utils
+import megatron.training.models.dist_utils as dist_utils
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 _applied = False
@@ -63,10 +72,27 @@ def apply() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = _without_step_no_grad(
         DistributedOptimizer._set_main_param_and_optimizer_states)
     _static_shape_fusions()
+    dist_utils._wrap_with_mp_wrapper = _on_gpu_first(dist_utils._wrap_with_mp_wrapper)
 
 
 # A few compiled fusions (SwiGLU forward and backward) times one width per rate.
 RECOMPILE_LIMIT = 64
+
+
+def _on_gpu_first(wrap_with_mp_wrapper):
+    """Fix 4: CPU-initialised model chunks go to the GPU before they are wrapped."""
+
+    @functools.wraps(wrap_with_mp_wrapper)
+    def wrapper(model_list, transformer_config, *args, **kwargs):
+        from megatron.training import get_args
+        if (transformer_config.use_cpu_initialization and torch.cuda.is_available()
+                and not getattr(get_args(), "use_torch_fsdp2", False)):
+            for chunk in model_list:
+                if not any(p.is_meta for p in chunk.parameters()):
+                    chunk.cuda(torch.cuda.current_device())
+        return wrap_with_mp_wrapper(model_list, transformer_config, *args, **kwargs)
+
+    return wrapper
 
 
 def _static_shape_fusions() -> None:
