@@ -38,3 +38,35 @@ def test_every_width_compiles_a_static_graph_once():
         (torch._dynamo.config.automatic_dynamic_shapes,
          torch._dynamo.config.recompile_limit) = saved
         torch._dynamo.reset()
+
+
+class _Chunk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.moved_to = None
+
+    def cuda(self, device=None):  # record instead of moving: no GPU in CI
+        self.moved_to = device
+        return self
+
+
+def test_cpu_initialised_chunks_move_to_the_gpu_before_wrapping(monkeypatch):
+    """Fix 4: megatron 0.19.2's builder skips .cuda() under --use-cpu-initialization."""
+    from types import SimpleNamespace
+
+    import megatron.training
+    wrapped_devices = []
+
+    def mp_wrapper(model_list, config, *args):
+        wrapped_devices.extend(chunk.moved_to for chunk in model_list)
+        return model_list
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(megatron.training, "get_args",
+                        lambda: SimpleNamespace(use_torch_fsdp2=False))
+    fixed = megatron_fixes._on_gpu_first(mp_wrapper)
+    fixed([_Chunk()], SimpleNamespace(use_cpu_initialization=True))
+    fixed([_Chunk()], SimpleNamespace(use_cpu_initialization=False))  # megatron moved it
+    assert wrapped_devices == [3, None]
