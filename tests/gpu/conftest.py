@@ -1,0 +1,36 @@
+"""GPU tests: one session runs the whole multi-GPU suite (``multi_gpu.run_suite``) and
+prints its summary table at the end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import multi_gpu  # noqa: E402
+
+_results: dict = {}
+
+
+@pytest.fixture(scope="session")
+def suite() -> dict:
+    """The suite's results (``results.json``), run once per session."""
+    if not _results:
+        out = multi_gpu.default_out()
+
+        def progress(line: str) -> None:
+            print(line, file=sys.__stdout__, flush=True)  # live, past pytest's capture
+
+        _results.update(multi_gpu.run_suite(out, progress))
+    return _results
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _results:
+        terminalreporter.write_line("")
+        for line in multi_gpu.summary(_results).splitlines():
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"results: {multi_gpu.default_out() / 'results.json'}")
