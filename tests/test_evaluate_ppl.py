@@ -173,7 +173,7 @@ def test_prints_a_table(capsys, hf_model, tokenizer_model, text_file):
 
 def test_megatron_checkpoint_gives_the_same_ppl_as_the_hf_model(tmp_path, hf_model,
                                                                  tokenizer_model, text_file):
-    convert = pytest.importorskip("megatron_sat.convert")
+    from megatron_sat import convert
     convert.hf_to_megatron(hf_model, tmp_path / "megatron")  # vocabulary padded to 512 rows
     assert (tmp_path / "megatron" / "latest_checkpointed_iteration.txt").is_file()
     args = ["--tokenizer-model", str(tokenizer_model), "--input", str(text_file),
@@ -192,7 +192,7 @@ def test_megatron_checkpoint_gives_the_same_ppl_as_the_hf_model(tmp_path, hf_mod
 ])
 def test_megatron_checkpoint_with_the_wrong_tokenizer_fails(tmp_path, capsys, hf_model,
                                                             text_file, pieces, message):
-    convert = pytest.importorskip("megatron_sat.convert")
+    from megatron_sat import convert
     convert.hf_to_megatron(hf_model, tmp_path / "megatron")
     other = tmp_path / "other"
     assert train_tokenizer.main(["--input", *map(str, CORPUS), "--output-dir", str(other),
