@@ -26,6 +26,8 @@ def _skip_if_too_few_gpus(needed: int) -> None:
 @pytest.mark.parametrize("check", multi_gpu.CHECKS, ids=lambda c: c.name)
 def test_check(suite, check):
     _skip_if_too_few_gpus(check.gpus())
+    if not multi_gpu.selected(check):
+        pytest.skip("not in GPU_TEST_CONFIGS")
     result = next(r for r in suite["checks"] if r["name"] == check.name)
     if not result["passed"]:
         launches = suite["launches"]
