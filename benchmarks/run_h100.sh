@@ -20,6 +20,9 @@ for mbs in 16; do
 done
 step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 1 --global-batch-size 8 \
   --out "$OUT/step_llama2_7b_8l_mbs1.json"
+# a whole LORS run against dense (target 5)
+step benchmarks/bench_lors.py --shape tinyllama --iters 300 --lors-start 200 \
+  --micro-batch-size 16 --global-batch-size 16 --out "$OUT/lors_tinyllama.json"
 # layers: SAT vs dense vs a dense layer of the kept width, selection cost, host syncs
 step benchmarks/bench_layers.py --batch 16 --no-profile --out "$OUT/layers_tinyllama_b16.json"
 step benchmarks/bench_layers.py --batch 4 --rates 0.5 --out "$OUT/layers_tinyllama_b4.json"
