@@ -74,7 +74,12 @@ def _escape_lone_percent(match: re.Match) -> str:
 
 
 def _check_data_paths(args: argparse.Namespace) -> None:
-    """Fail early, naming the flag, when a dataset prefix lacks its .bin or .idx file."""
+    """Fail early, naming the flag, when the tokenizer file or a dataset prefix's .bin or
+    .idx file is missing."""
+    model = getattr(args, "tokenizer_model", None)
+    if model and not os.path.exists(model):
+        _fail(f"--tokenizer-model {model}: file not found (a SentencePiece tokenizer.model, "
+              "e.g. from tools/extend_vocab.py, or a Hugging Face tokenizer directory)")
     if args.mock_data or args.data_args_path or args.per_split_data_args_path:
         return
     flags = {"--data-path": args.data_path, "--train-data-path": args.train_data_path,

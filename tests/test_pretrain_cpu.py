@@ -172,7 +172,11 @@ def test_distributed_optimizer_resumes_exactly(runs, tmp_path, precision):
     (["--data-path", "/nonexistent/corpus_text_document"], {},
      "--data-path /nonexistent/corpus_text_document: file not found: "
      "/nonexistent/corpus_text_document.bin"),
-], ids=["rate-1", "rate-negative", "unknown-metric", "heads-over-tp", "missing-data"])
+    (MOCK_DATA + ["--tokenizer-type", "GPTSentencePieceTokenizer",
+                  "--tokenizer-model", "/nonexistent/tokenizer.model"], {},
+     "--tokenizer-model /nonexistent/tokenizer.model: file not found"),
+], ids=["rate-1", "rate-negative", "unknown-metric", "heads-over-tp", "missing-data",
+        "missing-tokenizer"])
 def test_bad_input_fails_early_naming_the_flag(tmp_path, flags, env, message):
     save = ["--save", str(tmp_path / "checkpoint"), "--save-interval", "6"]
     result = run_script(TINY_GPT + TRAINING + flags + save, env=env)
