@@ -26,6 +26,7 @@ from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
 from megatron_sat.spec import get_sat_block_spec
 from megatron_sat.throughput import ThroughputMeter, meter_from_args
+from megatron_sat.vocab import ConversionError, check_tokenizer_fits_checkpoint
 
 from megatron.core import mpu, tensor_parallel
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -75,11 +76,17 @@ def _escape_lone_percent(match: re.Match) -> str:
 
 def _check_data_paths(args: argparse.Namespace) -> None:
     """Fail early, naming the flag, when the tokenizer file or a dataset prefix's .bin or
-    .idx file is missing."""
+    .idx file is missing, or when the tokenizer does not fit the checkpoint in --load."""
     model = getattr(args, "tokenizer_model", None)
     if model and not os.path.exists(model):
         _fail(f"--tokenizer-model {model}: file not found (a SentencePiece tokenizer.model, "
               "e.g. from tools/extend_vocab.py, or a Hugging Face tokenizer directory)")
+    if model and os.path.isfile(model) and args.load:
+        try:
+            check_tokenizer_fits_checkpoint(args.load, model, args.make_vocab_size_divisible_by,
+                                            args.tensor_model_parallel_size)
+        except ConversionError as error:
+            _fail(str(error))
     if args.mock_data or args.data_args_path or args.per_split_data_args_path:
         return
     flags = {"--data-path": args.data_path, "--train-data-path": args.train_data_path,

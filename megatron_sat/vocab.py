@@ -94,3 +94,38 @@ def extend_rows(table: torch.Tensor, old_size: int, sources: list[list[int]],
     every = old32.mean(dim=0)
     new = [old32[ids].mean(dim=0) if ids else every for ids in sources]
     return pad_rows(torch.cat([old, *(row.to(table.dtype)[None] for row in new)]), rows)
+
+
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def check_tokenizer_fits_checkpoint(load_dir, tokenizer_model, divisible_by: int,
+                                    tp: int) -> None:
+    """Before training resumes from ``--load``: the tokenizer's padded vocabulary must be
+    the checkpoint's number of embedding rows (megatron would otherwise fail deep inside
+    the checkpoint loader with a shape mismatch). A root without a checkpoint (a fresh
+    run) or in another format than torch_dist is left to megatron."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_sat.megatron_checkpoint import TRACKER, MegatronCheckpoint
+
+    if not (Path(load_dir) / TRACKER).is_file():
+        return
+    try:
+        checkpoint = MegatronCheckpoint.open(load_dir, flag="--load")
+    except ConversionError:
+        return
+    meta = dcp.FileSystemReader(str(checkpoint.directory)).read_metadata()
+    stored = meta.state_dict_metadata.get(EMBEDDING)
+    if stored is None:  # a later pipeline stage only, or not a GPT checkpoint
+        return
+    rows = stored.size[0]
+    pieces = load_sentencepiece(tokenizer_model, "--tokenizer-model").get_piece_size()
+    padded = padded_vocab_size(pieces, divisible_by, tp)
+    if padded != rows:
+        raise ConversionError(
+            f"--tokenizer-model {tokenizer_model} has {pieces} pieces, {padded} rows after "
+            f"padding to --make-vocab-size-divisible-by {divisible_by} x "
+            f"--tensor-model-parallel-size {tp}, but the checkpoint in --load {load_dir} has "
+            f"{rows} embedding rows. Use the tokenizer the checkpoint was trained with, or "
+            "resize the checkpoint for this tokenizer: tools/convert_checkpoint.py resize")

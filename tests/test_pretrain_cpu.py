@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from _launch import MOCK_DATA, TINY_GPT, TRAINING, Run, pretrain, read_tensorboard, run_script
+from _launch import (MOCK_DATA, REPO, TINY_GPT, TRAINING, Run, pretrain, read_tensorboard,
+                     run_script)
 
 NO_DROPOUT = ["--attention-dropout", "0", "--hidden-dropout", "0"]
 ITERATIONS = range(1, 13)
@@ -193,3 +194,21 @@ def test_help_lists_megatron_and_sat_flags():
         assert flag in result.stdout
     assert "10%)" in result.stdout  # a help string with a bare "%", which crashes megatron
     assert "90% of data for training" in result.stdout  # and one with "%%"
+
+
+@pytest.mark.e2e
+def test_tokenizer_that_does_not_fit_the_checkpoint_fails_early(runs, workdir, tmp_path):
+    """The reference checkpoint has 256 embedding rows (--vocab-size 256, a multiple of
+    128); the demo tokenizer has 3072 pieces."""
+    _reference(runs, workdir)
+    tokenizer = REPO / "data" / "demo" / "tokenizer.model"
+    flags = ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
+             str(tokenizer), "--load", str(workdir / "tp1-checkpoint"),
+             "--save", str(tmp_path / "checkpoint"), "--save-interval", "6"]
+    result = run_script(TINY_GPT + TRAINING + MOCK_DATA + flags)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (f"pretrain_sat.py: error: --tokenizer-model {tokenizer} has 3072 pieces, 3072 "
+            "rows after padding to --make-vocab-size-divisible-by 128 x "
+            "--tensor-model-parallel-size 1, but the checkpoint in --load "
+            f"{workdir / 'tp1-checkpoint'} has 256 embedding rows") in result.stderr
+    assert not (tmp_path / "checkpoint").exists()
