@@ -32,7 +32,7 @@ bug cannot occur.
    width as soon as SAT changes the kept MLP width (r > 0, every LORS ladder, dense
    evaluation). torch then recompiles it for *dynamic* shapes, and the generic kernel
    is several times slower: on an H100 the dense SwiGLU backward of TinyLlama took
-   18 ms per micro-batch after the switch against about 2 ms for the static kernel
+   18 ms per micro-batch after the switch against 2 ms for the static kernel at half width
    (benchmarks/results, docs/performance.md). Turned off automatic dynamic shapes, so
    every width gets its own static kernel, and raised the recompile limit to leave room
    for one width per LORS ladder.
