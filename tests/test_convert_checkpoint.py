@@ -15,7 +15,6 @@ References are independent of the converter:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -33,6 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from _launch import REPO, _env, read_tensorboard
+from _tools import load_tool
 
 from megatron_sat import convert
 from megatron_sat.megatron_checkpoint import MegatronCheckpoint
@@ -58,16 +58,8 @@ VARIANTS = {
 LAYOUTS = [("tp1", 1, 1, [1, 1]), ("tp2", 2, 1, [2, 1]), ("pp2", 1, 2, [1, 2])]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_checkpoint = _load_tool("convert_checkpoint")
-train_tokenizer = _load_tool("train_tokenizer")
+convert_checkpoint = load_tool("convert_checkpoint")
+train_tokenizer = load_tool("train_tokenizer")
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -7,7 +7,6 @@ by hand and takes transformers' own shifted loss (``labels=``) per window.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -17,6 +16,8 @@ import pytest
 import sentencepiece
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = sorted((REPO / "examples" / "data" / "tiny_corpus").glob("*.txt"))[:3]
@@ -29,16 +30,8 @@ DOCS = [
 ]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_ppl = _load_tool("evaluate_ppl")
-train_tokenizer = _load_tool("train_tokenizer")
+evaluate_ppl = load_tool("evaluate_ppl")
+train_tokenizer = load_tool("train_tokenizer")
 
 
 @pytest.fixture(scope="module")

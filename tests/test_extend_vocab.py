@@ -8,7 +8,6 @@ Expected values come from the base model, SentencePiece itself, hand counts and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -38,16 +39,9 @@ MIXED = [
 ]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-extend_vocab = _load_tool("extend_vocab")
-train_tokenizer = _load_tool("train_tokenizer")
-preprocess_data = _load_tool("preprocess_data")
+extend_vocab = load_tool("extend_vocab")
+train_tokenizer = load_tool("train_tokenizer")
+preprocess_data = load_tool("preprocess_data")
 
 
 def chinese_docs(seed: int, n: int) -> list[str]:

@@ -5,25 +5,12 @@ The fetching itself needs the network and is exercised by running the script (do
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 import zlib
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _tools import REPO, load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_corpora", REPO / "examples" / "data" / "prepare_corpora.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load()
+prepare = load_script(REPO / "examples" / "data" / "prepare_corpora.py")
 
 
 def test_tag_stripping_and_paragraphs():

@@ -7,7 +7,6 @@ megatron-core's ``IndexedDataset`` and ``GPTDataset``; each must come back as ex
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy
 import pytest
 import sentencepiece
+
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = sorted((REPO / "examples" / "data" / "tiny_corpus").glob("*.txt"))
@@ -36,15 +37,8 @@ DOCS = [
 ]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tokenizer = _load_tool("train_tokenizer")
-preprocess_data = _load_tool("preprocess_data")
+train_tokenizer = load_tool("train_tokenizer")
+preprocess_data = load_tool("preprocess_data")
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +159,20 @@ def test_jsonl_with_custom_key_and_doc_per_file(tmp_path, tokenizer_model, sp):
     assert docs == _expected(sp, DOCS[:3] + ["\n\n".join(DOCS[3:5])])
 
 
-def test_hugging_face_tokenizer_directory(tmp_path):
+def _word_level_tokenizer(directory: Path, words: list[str]) -> None:
+    """A Hugging Face tokenizer directory: one id per whitespace-separated word, in order
+    (``words[0]`` must be ``<unk>``, ``words[1]`` the EOS ``</s>``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "</s>", "call", "me", "ishmael", "."]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(tmp_path / "hf")
+                            eos_token="</s>").save_pretrained(directory)
+
+
+def test_hugging_face_tokenizer_directory(tmp_path):
+    _word_level_tokenizer(tmp_path / "hf", ["<unk>", "</s>", "call", "me", "ishmael", "."])
     src = _write_text(tmp_path / "docs.txt", ["call me", "ishmael . whale"])
     assert _preprocess(tmp_path, tmp_path / "hf", "--input", str(src)) == 0
     _, docs = _read(tmp_path / "out" / "train")
@@ -181,14 +180,8 @@ def test_hugging_face_tokenizer_directory(tmp_path):
 
 
 def test_vocabulary_over_65500_is_stored_as_int32(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(2, 70000)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(tmp_path / "hf")
+    _word_level_tokenizer(tmp_path / "hf",
+                          ["<unk>", "</s>"] + [f"w{i}" for i in range(2, 70000)])
     src = _write_text(tmp_path / "docs.txt", ["w69999 w65535 w2", "w65536 w40000"])
     assert _preprocess(tmp_path, tmp_path / "hf", "--input", str(src)) == 0
     ds, docs = _read(tmp_path / "out" / "train")
