@@ -230,15 +230,19 @@ class Check:
     def launches(self) -> tuple[str, str]:
         return self.run, self.reference
 
-    def gpus(self) -> int:
-        """GPUs needed by the two runs and every run they load from."""
-        needed, todo = 1, list(self.launches)
+    def needs(self) -> list[Launch]:
+        """The two runs and every run they load from, transitively."""
+        needed, todo = [], list(self.launches)
         while todo:
             launch = BY_NAME[todo.pop()]
-            needed = max(needed, launch.gpus)
+            needed.append(launch)
             if launch.load:
                 todo.append(launch.load[0])
         return needed
+
+    def gpus(self) -> int:
+        """GPUs needed by the two runs and every run they load from."""
+        return max(launch.gpus for launch in self.needs())
 
 
 def _checks() -> list[Check]:
@@ -533,30 +537,11 @@ def compare(check: Check, outcomes: dict[str, Outcome], s: Sizes) -> dict:
     return result
 
 
-def _loads_from(check: Check, name: str) -> bool:
-    todo = list(check.launches)
-    while todo:
-        launch = BY_NAME[todo.pop()]
-        if launch.load:
-            if launch.load[0] == name:
-                return True
-            todo.append(launch.load[0])
-    return False
-
-
 def selected(check: Check) -> bool:
     """``GPU_TEST_CONFIGS=dense,...`` runs only the checks whose launches (and the launches
     they load from) use those SAT configurations; default: all."""
     wanted = os.environ.get("GPU_TEST_CONFIGS")
-    if not wanted:
-        return True
-    names, todo = set(), list(check.launches)
-    while todo:
-        launch = BY_NAME[todo.pop()]
-        names.add(launch.config)
-        if launch.load:
-            todo.append(launch.load[0])
-    return names <= set(wanted.split(","))
+    return not wanted or {launch.config for launch in check.needs()} <= set(wanted.split(","))
 
 
 def scaling_enabled() -> bool:
@@ -613,8 +598,7 @@ def run_suite(out: Path, progress=print) -> dict:
              f"checkpoints in {work}")
     jobs = [Job(launch.name, launch.gpus, launch.tp, correctness_args(launch, s, work),
                 (launch.load[0],) if launch.load else ()) for launch in LAUNCHES
-            if any(selected(c) and launch.name in c.launches for c in CHECKS)
-            or any(selected(c) and _loads_from(c, launch.name) for c in CHECKS)]
+            if any(selected(c) and launch in c.needs() for c in CHECKS)]
     if scaling_enabled():
         jobs += [Job(f"scale-{launch.name}", launch.gpus, launch.tp,
                      scale_args(launch, s, work), exclusive=True) for launch in SCALE_LAUNCHES]
