@@ -82,6 +82,14 @@ class MegatronCheckpoint:
     def open(cls, root: str | os.PathLike, flag: str = "--load-dir") -> "MegatronCheckpoint":
         from megatron.core import dist_checkpointing
 
+        directory = cls.locate(root, flag)
+        with quiet_stdout(), _single_process_reads():
+            args = dist_checkpointing.load_common_state_dict(str(directory))["args"]
+        return cls(Path(root), directory, args)
+
+    @staticmethod
+    def locate(root: str | os.PathLike, flag: str = "--load-dir") -> Path:
+        """The directory of the tracker's torch_dist checkpoint under ``root``."""
         root = Path(root)
         tracker = root / TRACKER
         if not tracker.is_file():
@@ -96,9 +104,7 @@ class MegatronCheckpoint:
         if backend != "torch_dist":
             raise ConversionError(f"{flag} {root}: checkpoint format {backend!r}; only "
                                   "--ckpt-format torch_dist (megatron's default) is supported")
-        with quiet_stdout(), _single_process_reads():
-            args = dist_checkpointing.load_common_state_dict(str(directory))["args"]
-        return cls(root, directory, args)
+        return directory
 
     def tensor(self, key: str) -> torch.Tensor:
         """One stored tensor, at its global shape and stored dtype."""

@@ -107,15 +107,13 @@ def check_tokenizer_fits_checkpoint(load_dir, tokenizer_model, divisible_by: int
     run) or in another format than torch_dist is left to megatron."""
     import torch.distributed.checkpoint as dcp
 
-    from megatron_sat.megatron_checkpoint import TRACKER, MegatronCheckpoint
+    from megatron_sat.megatron_checkpoint import MegatronCheckpoint
 
-    if not (Path(load_dir) / TRACKER).is_file():
-        return
     try:
-        checkpoint = MegatronCheckpoint.open(load_dir, flag="--load")
+        directory = MegatronCheckpoint.locate(load_dir, flag="--load")
     except ConversionError:
         return
-    meta = dcp.FileSystemReader(str(checkpoint.directory)).read_metadata()
+    meta = dcp.FileSystemReader(str(directory)).read_metadata()
     stored = meta.state_dict_metadata.get(EMBEDDING)
     if stored is None:  # a later pipeline stage only, or not a GPT checkpoint
         return
