@@ -74,7 +74,7 @@ def _escape_lone_percent(match: re.Match) -> str:
     return "%%" if match.group() == "%" else match.group()
 
 
-def _check_data_paths(args: argparse.Namespace) -> None:
+def _check_input_files(args: argparse.Namespace) -> None:
     """Fail early, naming the flag, when the tokenizer file or a dataset prefix's .bin or
     .idx file is missing, or when the tokenizer does not fit the checkpoint in --load."""
     model = getattr(args, "tokenizer_model", None)
@@ -248,7 +248,7 @@ def main() -> None:
     megatron_fixes.apply()
     # Megatron's parser has no side effects; check the data before it validates and
     # builds the tokenizer, writers and process groups.
-    _check_data_paths(parse_args(add_sat_arguments))
+    _check_input_files(parse_args(add_sat_arguments))
     args = parse_and_validate_args(add_sat_arguments)
     sat_config = _sat_config(args)
     _Run.sat_config = sat_config

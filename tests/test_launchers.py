@@ -4,7 +4,7 @@ build for every preset parse and validate as ``pretrain_sat.py`` would at start-
 Each launcher runs with ``DRY_RUN=1``, which prints the exported environment and the
 command. The ``pretrain_sat.py`` arguments of that command then go through the entry
 point's own start-up checks, in its order, without any process group: megatron's
-``parse_args`` with the ``--sat-*`` flags, ``pretrain_sat._check_data_paths``, megatron's
+``parse_args`` with the ``--sat-*`` flags, ``pretrain_sat._check_input_files``, megatron's
 ``validate_args`` at the world size of the command (nodes x processes per node, an H100
 for its architecture checks) and ``pretrain_sat._sat_config`` (``SATConfig.validate`` and
 ``validate_model`` against heads, kv groups, ffn and the TP size). The expected values
@@ -140,7 +140,7 @@ def validate(run: DryRun, monkeypatch):
     monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
     monkeypatch.setattr(sys, "argv", ["pretrain_sat.py", *run.args])
     args = megatron_arguments.parse_args(add_sat_arguments)
-    pretrain_sat._check_data_paths(args)
+    pretrain_sat._check_input_files(args)
     megatron_arguments.validate_args(args)
     return args, pretrain_sat._sat_config(args)
 
