@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from megatron_sat import cpu, megatron_fixes, runtime
+from megatron_sat import cpu, megatron_fixes, runtime, torch_fusions
 from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
@@ -99,6 +99,21 @@ def _check_input_files(args: argparse.Namespace) -> None:
             missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
             if missing:
                 _fail(f"{flag} {prefix}: file not found: {', '.join(missing)}")
+
+
+def _install_torch_fusions(args: argparse.Namespace) -> None:
+    """Install megatron_sat.torch_fusions unless ``--no-sat-torch-fusions``; then megatron's
+    gradient-accumulation fusion needs Apex, which is checked here with a clear message."""
+    if args.sat_torch_fusions:
+        installed = torch_fusions.apply()
+        if args.rank == 0:
+            print(f"[sat] torch fusions: {', '.join(installed) or 'none needed'}", flush=True)
+        return
+    import megatron.core.tensor_parallel.layers as tp_layers
+    if args.gradient_accumulation_fusion and not tp_layers._grad_accum_fusion_available:
+        _fail("--no-sat-torch-fusions: gradient-accumulation fusion then needs Apex "
+              "(fused_weight_gradient_mlp_cuda), which is not installed; add "
+              "--no-gradient-accumulation-fusion or drop --no-sat-torch-fusions")
 
 
 def _sat_config(args: argparse.Namespace) -> SATConfig:
@@ -251,6 +266,7 @@ def main() -> None:
     _check_input_files(parse_args(add_sat_arguments))
     args = parse_and_validate_args(add_sat_arguments)
     sat_config = _sat_config(args)
+    _install_torch_fusions(args)
     _Run.sat_config = sat_config
     runtime.set_dummy_wgrad(args.overlap_grad_reduce)
     model_config = gpt_config_from_args(args)

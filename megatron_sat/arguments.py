@@ -2,7 +2,8 @@
 
 :func:`add_sat_arguments` is megatron's ``extra_args_provider``; :func:`sat_config_from_args`
 turns the parsed namespace into a validated :class:`~megatron_sat.config.SATConfig`. The
-throughput logger's flags (``megatron_sat/throughput.py``) are a group of their own.
+throughput logger's flags (``megatron_sat/throughput.py``) and the switch of the torch
+fusions (``megatron_sat/torch_fusions.py``) are groups of their own.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_sat.config import (DP_SELECTIONS, GQA_MODES, METRICS, MODULES, SCORE_SCALES,
-                                 SELECTIONS, SATConfig)
+from megatron_sat.config import (CHANNEL_MULTIPLE, DP_SELECTIONS, GQA_MODES, METRICS,
+                                 MODULES, SCORE_SCALES, SELECTIONS, SATConfig)
 
 
 def _number(text: str) -> float:
@@ -65,7 +66,19 @@ def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "group so every rank trains the same sub-network.")
     g.add_argument("--sat-modules", nargs="+", choices=MODULES, default=list(MODULES),
                    help="Blocks to sparsify (default: mlp attention).")
+    g.add_argument("--sat-channel-multiple", type=int, default=CHANNEL_MULTIPLE, metavar="M",
+                   help="Round the MLP channels kept per tensor-parallel rank down to a "
+                        f"multiple of M (default: {CHANNEL_MULTIPLE}; tensor-core-friendly GEMM "
+                        "widths); a count below M stays exact. 1 keeps floor(n (1 - r)).")
     _add_throughput_arguments(parser)
+    parser.add_argument_group(
+        "Torch fusions", "Stand-ins for Transformer Engine / Apex kernels "
+        "(megatron_sat/torch_fusions.py)").add_argument(
+        "--no-sat-torch-fusions", dest="sat_torch_fusions", action="store_false",
+        help="Keep megatron-core's plain-torch fallbacks for RoPE, Adam, the gradient norm "
+             "and gradient-accumulation fusion instead of megatron-sat's fused stand-ins "
+             "(for A/B benchmarks). Without Apex it then needs "
+             "--no-gradient-accumulation-fusion.")
     return parser
 
 
@@ -106,4 +119,5 @@ def sat_config_from_args(args: argparse.Namespace) -> SATConfig:
         dp_selection=args.sat_dp_selection,
         modules=tuple(dict.fromkeys(args.sat_modules)),
         seed=args.seed,
+        channel_multiple=args.sat_channel_multiple,
     ).validate()

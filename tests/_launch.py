@@ -62,10 +62,12 @@ def _env() -> dict[str, str]:
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
 
-def pretrain(nproc: int, flags: list[str], tensorboard_dir: Path, timeout: int = 300) -> Run:
-    """Train the tiny GPT on mock data with ``flags`` added, logging to ``tensorboard_dir``."""
+def pretrain(nproc: int, flags: list[str], tensorboard_dir: Path, timeout: int = 300,
+             model: list[str] = TINY_GPT) -> Run:
+    """Train ``model`` (default the tiny GPT) on mock data with ``flags`` added, logging to
+    ``tensorboard_dir``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", SCRIPT, *TINY_GPT, *TRAINING, *MOCK_DATA, *flags,
+           f"--nproc-per-node={nproc}", SCRIPT, *model, *TRAINING, *MOCK_DATA, *flags,
            "--tensorboard-dir", str(tensorboard_dir)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout)

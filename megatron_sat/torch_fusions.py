@@ -1,0 +1,150 @@
+"""Torch stand-ins for the fused kernels megatron-core takes from Transformer Engine or Apex.
+
+Without TE or Apex, megatron-core 0.19.2 runs plain-torch fallbacks in four places of
+every training step. They cost dense and SAT steps alike, but SAT more in proportion,
+because none of them shrinks with the omission rate. :func:`apply` replaces them
+(docs/performance.md has the measurements):
+
+1. **RoPE** (``--no-rope-fusion``): ``rope_utils._apply_rotary_pos_emb_bshd`` is eager
+   torch, about six full-size elementwise passes forward and backward over each of Q and
+   K (slices, rotate-half's negation and concatenation, two products, a sum, a final
+   concatenation). It is wrapped in ``torch.compile`` with static shapes, which fuses each
+   direction into one kernel per head count (SAT's kept head counts included).
+2. **Adam**: megatron builds ``torch.optim.Adam``/``AdamW`` with torch's default
+   multi-tensor ``foreach`` update, about ten passes over the fp32 optimizer state. The
+   param groups are switched to torch's ``fused`` update (one pass), the role Apex's
+   ``FusedAdam`` plays. Checkpoints do not change (the same state keys and values).
+3. **Gradient norm**: megatron's local ``multi_tensor_l2norm`` stand-in builds a host
+   tensor from per-parameter norms, one device-to-host copy (a GPU sync) per parameter.
+   Replaced by ``torch._foreach_norm`` and one norm on the device.
+4. **Gradient-accumulation fusion** (``--gradient-accumulation-fusion``, megatron's
+   default): Apex's ``fused_weight_gradient_mlp_cuda`` adds the weight gradient GEMM
+   straight into the fp32 ``main_grad``. Without it megatron must be run with
+   ``--no-gradient-accumulation-fusion`` and computes a bf16 ``.grad`` per micro-batch
+   that DDP then adds into ``main_grad``. :func:`wgrad_gemm_accum_fp32` provides the same
+   call with ``torch.addmm(..., out_dtype=torch.float32)`` (a bf16 GEMM accumulating in
+   fp32 into ``main_grad``), so the flag works without Apex. On CPU, which has no such
+   GEMM, it computes the product and adds it.
+
+``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
+Nothing is replaced where TE or Apex provide the real kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+_applied = False
+
+
+def apply() -> list[str]:
+    """Install the stand-ins where megatron uses its plain-torch fallbacks; returns their
+    names (empty on a second call)."""
+    global _applied
+    if _applied:
+        return []
+    _applied = True
+    installed = []
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.tensor_parallel.layers as tp_layers
+    import megatron.training.training as training
+
+    if rope_utils.fused_apply_rotary_pos_emb is None and torch.cuda.is_available():
+        rope_utils._apply_rotary_pos_emb_bshd = compiled_rope(
+            rope_utils._apply_rotary_pos_emb_bshd)
+        installed.append("compiled RoPE")
+    if clip_grads.l2_norm_impl.__module__ == "megatron.core.utils":  # the local fallback
+        clip_grads.l2_norm_impl = l2_norm
+        installed.append("device gradient norm")
+    if not tp_layers._grad_accum_fusion_available:
+        installed.append("gradient-accumulation fusion")
+        tp_layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+            wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32,
+            wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
+        tp_layers._grad_accum_fusion_available = True
+    training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
+    installed.append("fused Adam")
+    return installed
+
+
+def compiled_rope(rope_fn, backend: str = "inductor"):
+    """megatron's eager RoPE, compiled: static shapes, the whole function as one graph."""
+    return torch.compile(rope_fn, backend=backend, dynamic=False, fullgraph=True)
+
+
+def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """``amp_C.multi_tensor_l2norm``'s call: the L2 norm of ``tensor_lists[0]`` as a
+    1-element fp32 tensor on their device, without a host sync. Per-tensor norms are not
+    supported (megatron's gradient clipping does not ask for them)."""
+    if per_tensor:
+        raise NotImplementedError("per-tensor norms are not supported")
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t
+                                 for t in tensors])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
+                          main_grad: torch.Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` in fp32 (Apex's call: input [tokens,
+    in], grad_output [tokens, out], main_grad [out, in])."""
+    if main_grad.is_cuda and total_input.dtype != torch.float32:
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32,
+                    out=main_grad)
+    else:
+        main_grad.add_(torch.matmul(grad_output.t(), total_input).to(main_grad.dtype))
+
+
+def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
+                          main_grad: torch.Tensor) -> None:
+    """The same for a half-precision ``main_grad`` (``--accumulate-allreduce-grads-in-fp32``
+    off): a plain in-place ``addmm_``."""
+    main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
+
+
+def torch_adams(optimizer) -> list:
+    """The torch Adam/AdamW instances inside megatron's (possibly chained) optimizer."""
+    found = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            found.append(inner)
+    return found
+
+
+def use_fused_update(adam) -> None:
+    """Switch a torch Adam(W) to its fused update, now and after every ``load_state_dict``
+    (which would otherwise bring back the saved groups' ``fused`` setting)."""
+
+    def fuse():
+        for group in adam.param_groups:
+            group["fused"], group["foreach"] = True, False
+            for param in group["params"]:
+                step = adam.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device != param.device:
+                    adam.state[param]["step"] = step.to(param.device, torch.float32)
+
+    load_state_dict = adam.load_state_dict
+
+    @functools.wraps(load_state_dict)
+    def load_then_fuse(state_dict):
+        load_state_dict(state_dict)
+        fuse()
+
+    adam.load_state_dict = load_then_fuse
+    fuse()
+
+
+def _with_fused_adam(get_megatron_optimizer):
+    @functools.wraps(get_megatron_optimizer)
+    def wrapper(*args, **kwargs):
+        optimizer = get_megatron_optimizer(*args, **kwargs)
+        for adam in torch_adams(optimizer):
+            use_fused_update(adam)
+        return optimizer
+
+    return wrapper

@@ -1,0 +1,189 @@
+"""megatron_sat.torch_fusions: each stand-in against megatron-core's own fallback or a
+plain torch reference, and pretrain_sat.py with the fusions against without them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+
+from _launch import MOCK_DATA, TINY_GPT, TRAINING, pretrain, run_script
+from megatron_sat import torch_fusions
+
+# The tiny GPT with megatron's default gradient-accumulation fusion (served by the stand-in).
+TINY_GPT_FUSED_WGRAD = [f for f in TINY_GPT if f != "--no-gradient-accumulation-fusion"]
+
+
+def _rope_inputs(heads: int):
+    gen = torch.Generator().manual_seed(heads)
+    t = torch.randn(16, 2, heads, 8, generator=gen, requires_grad=True)
+    freqs = torch.randn(16, 1, 1, 8, generator=gen)
+    return t, freqs
+
+
+@pytest.mark.parametrize("heads", [4, 2, 1])  # dense, and kept head counts of SAT
+def test_compiled_rope_equals_megatrons_eager_rope(heads):
+    # aot_eager traces the whole function into one graph (fullgraph=True) like inductor
+    # does on a GPU, without needing a C++ compiler here.
+    compiled = torch_fusions.compiled_rope(rope_utils._apply_rotary_pos_emb_bshd, "aot_eager")
+    t, freqs = _rope_inputs(heads)
+    t2 = t.detach().clone().requires_grad_()
+    want = rope_utils._apply_rotary_pos_emb_bshd(t, freqs, mscale=0.7)
+    got = compiled(t2, freqs, mscale=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(t2.grad, t.grad, rtol=0, atol=1e-6)
+
+
+def test_l2_norm_is_the_norm_of_all_tensors_together():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=gen), torch.randn(7, generator=gen),
+               torch.randn(2, 2, generator=gen).bfloat16()]
+    got, per_tensor = torch_fusions.l2_norm(0, None, [tensors], False)
+    want = torch.cat([t.float().reshape(-1) for t in tensors]).norm()
+    assert per_tensor is None and got.shape == (1,) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0], want)
+    with pytest.raises(NotImplementedError):
+        torch_fusions.l2_norm(0, None, [tensors], True)
+
+
+def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=gen)  # [tokens, in]
+    g = torch.randn(6, 3, generator=gen)  # [tokens, out]
+    main_grad = torch.randn(3, 4, generator=gen)
+    want = main_grad + g.t() @ x
+    torch_fusions.wgrad_gemm_accum_fp32(x, g, main_grad)
+    torch.testing.assert_close(main_grad, want)
+    half = main_grad.bfloat16()
+    torch_fusions.wgrad_gemm_accum_fp16(x.bfloat16(), g.bfloat16(), half)
+    torch.testing.assert_close(half.float(), want + g.t() @ x, rtol=2e-2, atol=5e-2)
+
+
+def _adam_steps(adam, params, grads):
+    for grad in grads:
+        for p, g in zip(params, grad):
+            p.grad = g.clone()
+        adam.step()
+
+
+def test_fused_adam_matches_foreach_and_survives_loading_a_foreach_checkpoint():
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+
+    def build():
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        return ps, torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+
+    ref_params, ref = build()
+    _adam_steps(ref, ref_params, grads)
+
+    # Two foreach steps, saved; loaded into a fused optimizer, two more steps.
+    first_params, first = build()
+    _adam_steps(first, first_params, grads[:2])
+    saved = copy.deepcopy(first.state_dict())
+    assert saved["param_groups"][0]["fused"] is None
+    resumed_params, resumed = build()
+    with torch.no_grad():
+        for p, q in zip(resumed_params, first_params):
+            p.copy_(q)
+    torch_fusions.use_fused_update(resumed)
+    resumed.load_state_dict(saved)
+    assert all(g["fused"] and not g["foreach"] for g in resumed.param_groups)
+    _adam_steps(resumed, resumed_params, grads[2:])
+    for p, q in zip(resumed_params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert all(resumed.state[p]["step"].item() == 4 for p in resumed_params)
+
+
+def test_torch_adams_finds_the_inner_optimizers_of_megatrons_wrappers():
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+
+    class Wrapper:  # MegatronOptimizer keeps the torch optimizer as .optimizer
+        optimizer = adam
+
+    class Chained:  # ChainedOptimizer keeps its parts as .chained_optimizers
+        chained_optimizers = [Wrapper(), Wrapper()]
+
+    assert torch_fusions.torch_adams(Wrapper()) == [adam]
+    assert torch_fusions.torch_adams(Chained()) == [adam, adam]
+    assert torch_fusions.torch_adams(object()) == []
+
+
+@pytest.mark.e2e
+def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
+    """Data-parallel SAT in fp32 with the distributed optimizer: fused Adam, the device
+    gradient norm (clipping on) and the gradient-accumulation stand-in against megatron's
+    foreach Adam, host norm and unfused accumulation. Resumed from a checkpoint written
+    by the fused run in the middle, to check the fused optimizer's saved state."""
+    flags = ["--attention-dropout", "0", "--hidden-dropout", "0", "--clip-grad", "0.5",
+             "--sat-omission-rate", "0.5", "--sat-lors-start", "2",
+             "--sat-lors-ladders", "3", "--use-distributed-optimizer"]
+    plain = pretrain(2, flags + ["--no-sat-torch-fusions"], tmp_path / "tb-plain")
+    assert plain.returncode == 0, plain.output[-6000:]
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "5"]
+    first = pretrain(2, flags + save + ["--exit-interval", "5"], tmp_path / "tb-first",
+                     model=TINY_GPT_FUSED_WGRAD)
+    assert first.returncode == 0, first.output[-6000:]
+    second = pretrain(2, flags + save + ["--load", str(tmp_path / "ckpt")],
+                      tmp_path / "tb-second", model=TINY_GPT_FUSED_WGRAD)
+    assert second.returncode == 0, second.output[-6000:]
+    installed = ("[sat] torch fusions: device gradient norm, gradient-accumulation fusion, "
+                 "fused Adam")
+    assert installed in first.output and installed not in plain.output
+    fused = first.exact | second.exact
+    assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
+    for i in fused:
+        assert fused[i] == pytest.approx(plain.exact[i], rel=1e-5), (i, fused, plain.exact)
+    assert plain.exact[12] < 0.9 * plain.exact[1]  # it learns: the comparison means something
+
+
+def test_switching_fusions_off_without_apex_asks_for_no_gradient_accumulation_fusion(
+        tmp_path):
+    save = ["--save", str(tmp_path / "checkpoint"), "--save-interval", "6"]
+    result = run_script(TINY_GPT_FUSED_WGRAD + TRAINING + MOCK_DATA + save
+                        + ["--no-sat-torch-fusions"])
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("pretrain_sat.py: error: --no-sat-torch-fusions: gradient-accumulation fusion "
+            "then needs Apex") in result.stderr
+    assert "--no-gradient-accumulation-fusion" in result.stderr
+    assert not (tmp_path / "checkpoint").exists()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_wgrad_accumulation_is_an_fp32_gemm_into_main_grad():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4096, 1024, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(4096, 512, device="cuda", generator=gen).bfloat16()
+    main_grad = torch.randn(512, 1024, device="cuda", generator=gen)
+    want = main_grad.double() + g.double().t() @ x.double()
+    address = main_grad.data_ptr()
+    torch_fusions.wgrad_gemm_accum_fp32(x, g, main_grad)
+    assert main_grad.data_ptr() == address and main_grad.dtype == torch.float32
+    # fp32 accumulation of exact bf16 products: far tighter than a bf16 result (~1e-2)
+    torch.testing.assert_close(main_grad.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("heads", [32, 16, 4])
+def test_cuda_inductor_rope_equals_megatrons_eager_rope(heads):
+    compiled = torch_fusions.compiled_rope(rope_utils._apply_rotary_pos_emb_bshd)
+    t = torch.randn(256, 2, heads, 64, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    freqs = torch.randn(256, 1, 1, 64, device="cuda")
+    t2 = t.detach().clone().requires_grad_()
+    want = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+    got = compiled(t2, freqs)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # bf16 rounding order
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(t2.grad, t.grad, rtol=1e-2, atol=1e-2)
