@@ -105,7 +105,6 @@ def step_fn(m, block):
 def selection_fn(m, block, rate):
     """Selection alone, as the SAT layer runs it: the Eq. 5 statistic and scores, then
     (Gumbel-)top-k, and for attention the kept QKV rows and output-projection columns."""
-    from megatron_sat.config import kept_count
     x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
                     dtype=torch.bfloat16)
     gen = torch.Generator(device="cuda")
@@ -115,7 +114,7 @@ def selection_fn(m, block, rate):
         gen.manual_seed(0)
         if block == "mlp":
             s = m.channel_scores(x)
-            m.sat.pick(s, kept_count(s.numel(), rate), gen)
+            m.sat.pick(s, m.kept(s.numel(), rate), gen)
         else:
             sel = m.choose_heads(m.head_scores(x), rate, gen)
             hn, qpg = m.hidden_size_per_attention_head, m.q_per_group

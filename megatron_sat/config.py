@@ -20,6 +20,21 @@ MODULES = ("mlp", "attention")
 
 # Guards floor(n * (1 - r)) against binary rounding of r (e.g. 0.7 * 10 = 6.999...).
 _KEEP_EPS = 1e-9
+# Default of --sat-channel-multiple: kept MLP widths that suit tensor-core GEMM tiles.
+CHANNEL_MULTIPLE = 64
+
+
+def kept_channels(n: int, rate: float, multiple: int = 1) -> int:
+    """MLP channels kept out of ``n``: :func:`kept_count` rounded down to a multiple of
+    ``multiple``, except that a count below one multiple stays exact.
+
+    GEMMs whose width is not a multiple of 8 bf16 elements miss the tensor cores' aligned
+    kernels: on an H100 a TinyLlama step at LORS rate 0.2 (4,505 channels) took 843 ms
+    against 477 ms dense (docs/performance.md). Rounding to 64 keeps every kept width
+    tile-friendly and changes the rate by under 64 / n.
+    """
+    k = kept_count(n, rate)
+    return k - k % multiple if k >= multiple else k
 
 
 class SATConfigError(ValueError):
@@ -51,6 +66,8 @@ class SATConfig:
             ranks train the same sub-network.
         modules: which blocks are sparsified.
         seed: base seed of the selection noise.
+        channel_multiple: kept MLP channels per rank are rounded down to a multiple of
+            this (see :func:`kept_channels`); 1 keeps exactly floor(n (1 - r)).
     """
 
     omission_rate: float = 0.0
@@ -65,6 +82,7 @@ class SATConfig:
     dp_selection: str = "local"
     modules: tuple[str, ...] = field(default=MODULES)
     seed: int = 1234
+    channel_multiple: int = CHANNEL_MULTIPLE
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +104,10 @@ class SATConfig:
             _check_choice("--sat-modules", m, MODULES)
         if not self.modules:
             raise SATConfigError("--sat-modules needs at least one of: mlp attention")
+        if not (isinstance(self.channel_multiple, int) and self.channel_multiple >= 1):
+            raise SATConfigError(
+                f"--sat-channel-multiple must be an integer >= 1, got "
+                f"{self.channel_multiple!r}; 1 keeps exactly floor(n (1 - r)) channels")
         if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
             raise SATConfigError(
                 f"--sat-temperature must be a positive number, got {self.temperature!r}; "

@@ -32,7 +32,8 @@ SAT (``megatron_sat/mlp.py``, ``attention.py``) multiplies only the kept neurons
 kept counts here are the implementation's own (:func:`~megatron_sat.config.kept_count`
 per tensor-parallel rank: floor(n_local * (1 - r)) on each of the ``tp`` ranks):
 
-* MLP: each rank keeps floor(f / tp * (1 - r)) channels (gate, up and down, or fc1/fc2).
+* MLP: each rank keeps floor(f / tp * (1 - r)) channels (gate, up and down, or fc1/fc2),
+  rounded down to a multiple of ``channel_multiple`` (:func:`~megatron_sat.config.kept_channels`).
 * Attention, ``--sat-gqa-mode heads`` with more than one query head per kv group: every kv
   group keeps floor(q_per_group * (1 - r)) query heads; K and V are computed in full.
 * Attention, ``groups`` mode, or multi-head attention (one head per group): each rank keeps
@@ -49,7 +50,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from megatron_sat.config import GQA_MODES, MODULES, kept_count
+from megatron_sat.config import CHANNEL_MULTIPLE, GQA_MODES, MODULES, kept_channels, kept_count
 
 FMA = 2  # FLOPs per multiply-add
 FORWARD_BACKWARD = 3  # forward + input gradient + weight gradient
@@ -114,12 +115,13 @@ class KeptWidth:
 
 
 def kept_width(shape: ModelShape, rate: float = 0.0, *, gqa_mode: str = GQA_MODES[0],
-               modules: tuple[str, ...] = MODULES) -> KeptWidth:
+               modules: tuple[str, ...] = MODULES,
+               channel_multiple: int = CHANNEL_MULTIPLE) -> KeptWidth:
     """What SAT keeps at ``rate`` (see the module docstring); the full widths at r = 0."""
     tp = shape.tp_size
     heads, groups, ffn = shape.num_attention_heads, shape.num_query_groups, shape.ffn_hidden_size
     if rate > 0.0 and "mlp" in modules:
-        ffn = tp * kept_count(ffn // tp, rate)
+        ffn = tp * kept_channels(ffn // tp, rate, channel_multiple)
     if rate > 0.0 and "attention" in modules:
         q_per_group = heads // groups
         if q_per_group > 1 and gqa_mode == "heads":
@@ -146,10 +148,11 @@ class TokenFlops:
 
 
 def forward_flops_per_token(shape: ModelShape, rate: float = 0.0, *,
-                            gqa_mode: str = GQA_MODES[0],
-                            modules: tuple[str, ...] = MODULES) -> TokenFlops:
+                            gqa_mode: str = GQA_MODES[0], modules: tuple[str, ...] = MODULES,
+                            channel_multiple: int = CHANNEL_MULTIPLE) -> TokenFlops:
     """Forward FLOPs per token at omission rate ``rate`` (0: dense)."""
-    kept = kept_width(shape, rate, gqa_mode=gqa_mode, modules=modules)
+    kept = kept_width(shape, rate, gqa_mode=gqa_mode, modules=modules,
+                      channel_multiple=channel_multiple)
     h, d, n = shape.hidden_size, shape.kv_channels, shape.num_layers
     q_width, kv_width = kept.query_heads * d, kept.kv_groups * d
     mlp_matrices = 3 if shape.swiglu else 2
@@ -165,17 +168,21 @@ def forward_flops_per_token(shape: ModelShape, rate: float = 0.0, *,
 
 
 def step_flops(shape: ModelShape, tokens: int, rate: float = 0.0, *,
-               gqa_mode: str = GQA_MODES[0], modules: tuple[str, ...] = MODULES) -> int:
+               gqa_mode: str = GQA_MODES[0], modules: tuple[str, ...] = MODULES,
+               channel_multiple: int = CHANNEL_MULTIPLE) -> int:
     """Model FLOPs (forward + backward) of one iteration over ``tokens`` tokens (the
     global batch times the sequence length) at omission rate ``rate``; r = 0 is the dense
     step."""
-    per_token = forward_flops_per_token(shape, rate, gqa_mode=gqa_mode, modules=modules)
+    per_token = forward_flops_per_token(shape, rate, gqa_mode=gqa_mode, modules=modules,
+                                        channel_multiple=channel_multiple)
     return FORWARD_BACKWARD * tokens * per_token.total
 
 
 def ideal_speedup(shape: ModelShape, rate: float, *, gqa_mode: str = GQA_MODES[0],
-                  modules: tuple[str, ...] = MODULES) -> float:
+                  modules: tuple[str, ...] = MODULES,
+                  channel_multiple: int = CHANNEL_MULTIPLE) -> float:
     """Dense FLOPs over SAT FLOPs at ``rate``: the speedup if time followed FLOPs."""
     dense = forward_flops_per_token(shape).total
-    sparse = forward_flops_per_token(shape, rate, gqa_mode=gqa_mode, modules=modules).total
+    sparse = forward_flops_per_token(shape, rate, gqa_mode=gqa_mode, modules=modules,
+                                     channel_multiple=channel_multiple).total
     return dense / sparse

@@ -3,7 +3,8 @@
 Neuron j of a rank is its local channel j: fc1 row j (for SwiGLU also the up row
 j + f_local, since megatron stores the local fc1 shard as [gate_local; up_local]) and
 fc2 column j, so a neuron never spans two tensor-parallel ranks. Each rank keeps
-floor(f_local * (1 - r)) of its own channels.
+floor(f_local * (1 - r)) of its own channels, rounded down to a multiple of
+``--sat-channel-multiple`` (64 by default; see :func:`~megatron_sat.config.kept_channels`).
 
 A channel is scored by the fc1 row that feeds the nonlinearity sigma: the gate row for
 gated units (SwiGLU/GeGLU), the only row otherwise (Eq. 4 and 10 score the column of
@@ -19,7 +20,7 @@ import torch
 from megatron.core.transformer.mlp import MLP
 
 from megatron_sat.block import SparseBlock
-from megatron_sat.config import SATConfig, kept_count
+from megatron_sat.config import SATConfig, kept_channels
 from megatron_sat.importance import input_statistic, neuron_scores
 from megatron_sat.sparse_linear import keep
 
@@ -50,13 +51,17 @@ class SATMLP(MLP):
         if rate == 0.0 or per_token_scale is not None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
         channels = self.sat.draw(lambda: self.channel_scores(hidden_states),
-                                 lambda s, g: self.sat.pick(s, kept_count(s.numel(), rate), g),
+                                 lambda s, g: self.sat.pick(s, self.kept(s.numel(), rate), g),
                                  hidden_states.device)
         fc1_rows = channels
         if self.config.gated_linear_unit:
             fc1_rows = torch.cat([channels, channels + self.ffn_local])
         with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, channels)):
             return super().forward(hidden_states, **kwargs)
+
+    def kept(self, channels: int, rate: float) -> int:
+        """Channels kept of this rank's ``channels`` (rounded to ``--sat-channel-multiple``)."""
+        return kept_channels(channels, rate, self.sat.cfg.channel_multiple)
 
     def channel_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Eq. 5 score of every local channel, from the rows that feed sigma."""

@@ -248,7 +248,8 @@ def meter_from_args(args: argparse.Namespace, sat_config: SATConfig,
     Only the last rank reports (it holds megatron's TensorBoard writer and the loss)."""
     shape = ModelShape.from_args(args)
     flops_per_token = partial(step_flops, shape, 1, gqa_mode=sat_config.gqa_mode,
-                              modules=sat_config.modules)
+                              modules=sat_config.modules,
+                              channel_multiple=sat_config.channel_multiple)
     peak, peak_source = peak_tflops_from_args(args)
     sinks: list[Sink] = []
     if args.rank == args.world_size - 1:

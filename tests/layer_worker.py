@@ -189,11 +189,15 @@ def compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted):
             "scale": y_ref.abs().max().item()}
 
 
-def mlp_case(tp, sp, gated, bias, metric, use_main_grad):
+def mlp_case(tp, sp, gated, bias, metric, use_main_grad, rate=0.5, multiple=64,
+             expected_kept=None):
     tag = f"mlp tp{tp} sp{int(sp)} {'swiglu' if gated else 'gelu'} {metric}"
+    if rate != 0.5:
+        tag += f" r{rate} multiple{multiple}"
     reseed(21)
     cfg = transformer_config(tp, sp, gated=gated, bias=bias)
-    sat = SATConfig(omission_rate=0.5, metric=metric, selection="sampling")
+    sat = SATConfig(omission_rate=rate, metric=metric, selection="sampling",
+                    channel_multiple=multiple)
     mlp = build_mlp(cfg, sat).train()
     x_full = shared_randn(SEQ, BATCH, HIDDEN, seed=3)
     y, xg, grads = run(mlp, x_full, sp, use_main_grad)
@@ -217,7 +221,7 @@ def mlp_case(tp, sp, gated, bias, metric, use_main_grad):
     rec = compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted)
     rec["selection"] = ch.tolist()
     rec["kept"] = int(ch.numel())
-    rec["expected_kept"] = f_l // 2
+    rec["expected_kept"] = f_l // 2 if expected_kept is None else expected_kept
     return rec
 
 
@@ -352,6 +356,10 @@ def main(path):
                 records.append(attention_case(tp, sp, heads, groups, mode, "maxip",
                                               use_main_grad=sp))
     records.append(mlp_case(tp, False, True, False, "wanda", use_main_grad=False))
+    # --sat-channel-multiple 8 at r = 0.3: floor(64 * 0.7) = 44 -> 40 channels at TP 1,
+    # floor(32 * 0.7) = 22 -> 16 per rank at TP 2
+    records.append(mlp_case(tp, False, True, False, "maxip", use_main_grad=True, rate=0.3,
+                            multiple=8, expected_kept={1: 40, 2: 16}[tp]))
     records.append(attention_case(tp, tp > 1, 8, 4, "heads", "magnitude", use_main_grad=True))
     records += stock_equivalence(tp)
     records.append(stock_model_equivalence(tp))

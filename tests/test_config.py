@@ -38,6 +38,8 @@ GQA = dict(num_attention_heads=8, num_query_groups=2, ffn_hidden_size=64)
     (dict(omission_rate=0.5, lors_start=11, train_iters=10), "--sat-lors-start"),
     (dict(omission_rate=0.5, lors_start=-1, train_iters=10), "--sat-lors-start"),
     (dict(omission_rate=0.5, lors_start=5, train_iters=10, lors_ladders=0), "--sat-lors-ladders"),
+    (dict(omission_rate=0.5, channel_multiple=0), "--sat-channel-multiple"),
+    (dict(omission_rate=0.5, channel_multiple=8.0), "--sat-channel-multiple"),
 ])
 def test_validate_rejects(kw, flag):
     with pytest.raises(SATConfigError) as err:

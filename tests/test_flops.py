@@ -248,3 +248,17 @@ def test_ideal_speedup_grows_with_the_rate_and_is_one_when_dense():
     assert ideal_speedup(TINYLLAMA, 0.5, modules=("mlp",)) < ideal_speedup(TINYLLAMA, 0.5)
     speedups = [ideal_speedup(TINYLLAMA, r) for r in (0.25, 0.5, 0.75)]
     assert 1.0 < speedups[0] < speedups[1] < speedups[2] < 4.0
+
+
+def test_kept_mlp_width_follows_the_channel_multiple():
+    """TinyLlama at r = 0.2: 4,505 channels exactly, 4,480 (70 x 64) by default."""
+    tiny = ModelShape(num_layers=22, hidden_size=2048, ffn_hidden_size=5632,
+                      num_attention_heads=32, num_query_groups=4, kv_channels=64,
+                      seq_length=2048, padded_vocab_size=32000)
+    assert kept_width(tiny, 0.2).ffn == 4480
+    assert kept_width(tiny, 0.2, channel_multiple=1).ffn == 4505
+    dense = forward_flops_per_token(tiny)
+    exact = forward_flops_per_token(tiny, 0.2, channel_multiple=1)
+    rounded = forward_flops_per_token(tiny, 0.2)
+    assert dense.mlp - rounded.mlp == 22 * 2 * 3 * 2048 * (5632 - 4480)
+    assert exact.mlp - rounded.mlp == 22 * 2 * 3 * 2048 * 25

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import pytest
 
-from megatron_sat.config import SATConfig, kept_count
+from megatron_sat.config import SATConfig, kept_channels, kept_count
 from megatron_sat.schedule import lors_rate, omission_rate_at
 
 
@@ -149,3 +149,14 @@ def test_kept_count_literals():
     assert kept_count(5632, 0.5) == 2816
     assert kept_count(4, 0.9) == 0    # floor(0.4)
     assert kept_count(4096, 0.96) == 163  # floor(163.84)
+
+
+def test_kept_channels_round_down_to_the_multiple_but_not_below_it():
+    assert kept_channels(5632, 0.2, 64) == 4480   # floor(4505.6) = 4505 -> 70 x 64
+    assert kept_channels(5632, 0.2, 1) == 4505
+    assert kept_channels(5632, 0.5, 64) == 2816   # already 44 x 64
+    assert kept_channels(5632, 0.4, 64) == 3328   # 3379 -> 52 x 64
+    assert kept_channels(11008, 0.5, 64) == 5504  # 86 x 64
+    assert kept_channels(128, 0.5, 64) == 64
+    assert kept_channels(100, 0.5, 64) == 50      # below one multiple: exact
+    assert kept_channels(130, 0.1, 64) == 64      # 117 -> 64
