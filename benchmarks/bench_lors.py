@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_step import _LINE, ROOT, SHAPES, TUNED, model_args, shape_of  # noqa: E402
+from bench_step import (_LINE, ROOT, SHAPES, TUNED, bench_env, model_args,  # noqa: E402
+                        shape_of)
 from megatron_sat.flops import step_flops  # noqa: E402
 
 
@@ -36,9 +37,7 @@ def launch(a, s: dict, sat: list[str], log: Path, port: int) -> list[tuple[int, 
            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
            str(s["vocab"] - 1), "--bf16", "--use-distributed-optimizer", "--log-interval", "1",
            "--eval-iters", "0", "--eval-interval", "100000", "--seed", "1234", *TUNED, *sat]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=bench_env())
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain_sat.py failed, see {log}")
@@ -78,6 +77,16 @@ def main() -> None:
     dense_flops = sum(step_flops(shape, tokens, 0.0) for _ in timed)
     sat_flops = sum(step_flops(shape, tokens, rates[i]) for i in timed)
     measured, predicted = 1 - sat_s / dense_s, 1 - sat_flops / dense_flops
+    by_rate = {}
+    for rate in sorted(set(rates[i] for i in timed), reverse=True):
+        times = [ms["sat"][i] for i in timed if rates[i] == rate]
+        by_rate[rate] = {"iterations": len(times), "median_ms": statistics.median(times),
+                         "dense_median_ms": statistics.median(ms["dense"][i] for i in timed)}
+    # The first iteration at a new rate compiles the fused kernels for the new widths
+    # (megatron_fixes fix 3: one static kernel per width): a one-off cost per ladder.
+    starts = [i for i in timed if i - 1 in rates and rates[i] != rates[i - 1]]
+    ladder_start_s = sum(ms["sat"][i] - by_rate[rates[i]]["median_ms"] for i in starts) / 1e3
+    steady = 1 - (sat_s - ladder_start_s) / dense_s
     result = {"shape": a.shape, **s, "iters": a.iters, "lors_start": a.lors_start,
               "lors_ladders": a.lors_ladders, "rate": a.rate,
               "micro_batch_size": a.micro_batch_size, "global_batch_size": a.global_batch_size,
@@ -85,10 +94,19 @@ def main() -> None:
               "dense_train_s": dense_s, "sat_train_s": sat_s,
               "measured_saving": measured, "flops_predicted_saving": predicted,
               "saving_vs_predicted": measured / predicted,
+              "by_rate": by_rate, "ladder_start_iterations": starts,
+              "ladder_start_overhead_s": ladder_start_s,
+              "saving_without_ladder_starts": steady,
+              "saving_without_ladder_starts_vs_predicted": steady / predicted,
               "rates_by_iteration": rates, "ms_by_iteration": ms, "wall_s": time.time() - t0}
     a.out.write_text(json.dumps(result, indent=1))
     print(f"dense {dense_s:.1f} s, SAT+LORS {sat_s:.1f} s: saving {measured:.1%} measured, "
-          f"{predicted:.1%} predicted by FLOPs ({measured / predicted:.0%} of it)")
+          f"{predicted:.1%} predicted by FLOPs ({measured / predicted:.0%} of it); without "
+          f"the {ladder_start_s:.1f} s of the ladders' first iterations (compilation) "
+          f"{steady:.1%} ({steady / predicted:.0%})")
+    for rate, row in by_rate.items():
+        print(f"  r = {rate:.3f}: {row['iterations']:3d} iterations, median "
+              f"{row['median_ms']:.1f} ms (dense {row['dense_median_ms']:.1f} ms)")
 
 
 if __name__ == "__main__":

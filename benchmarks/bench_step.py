@@ -48,6 +48,14 @@ SHAPES = {
 # SwiGLU (megatron's default), torch SDPA flash/cuDNN attention (SAT's core attention).
 TUNED = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
          "--manual-gc", "--manual-gc-interval", "50"]
+# megatron's plain-torch fallbacks for RoPE, Adam, the gradient norm and (for want of
+# Apex) unfused gradient accumulation, instead of megatron_sat.torch_fusions.
+NO_TORCH_FUSIONS = ["--no-sat-torch-fusions", "--no-gradient-accumulation-fusion"]
+FLAG_SETS = {
+    "baseline": NO_TORCH_FUSIONS,  # megatron's defaults
+    "tuned-megatron": TUNED + NO_TORCH_FUSIONS,  # all megatron-core itself offers
+    "tuned": TUNED,  # and megatron_sat.torch_fusions (the default of pretrain_sat.py)
+}
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
 
 
@@ -60,9 +68,20 @@ def model_args(s: dict) -> list[str]:
         "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
         "--untie-embeddings-and-output-weights", "--disable-bias-linear",
         "--attention-dropout", "0", "--hidden-dropout", "0",
-        # need Transformer Engine or Apex
-        "--no-rope-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+        # need Transformer Engine or Apex (megatron_sat.torch_fusions compiles the RoPE)
+        "--no-rope-fusion", "--no-persist-layer-norm",
     ]
+
+
+def bench_env() -> dict[str, str]:
+    """The launch environment: this checkout on PYTHONPATH, and torch's expandable memory
+    segments unless PYTORCH_CUDA_ALLOC_CONF is set (with fixed-size segments the dense
+    TinyLlama step at micro-batch 16 runs out of memory through fragmentation, about 6 GiB
+    reserved but unallocated; SAT's widths change at every LORS ladder, too)."""
+    return {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get(
+                "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")]))}
 
 
 def shape_of(s: dict) -> ModelShape:
@@ -92,19 +111,18 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
            "--sat-omission-rate", str(a.rate), "--sat-metric", a.metric,
            "--sat-selection", a.selection, "--sat-gqa-mode", a.gqa_mode,
            "--sat-lors-start", str(a.sat_iters), "--sat-lors-ladders", "1",
-           *(TUNED if a.flags == "tuned" else []), *a.extra]
+           *FLAG_SETS[a.flags], *a.extra]
     profiled: set[int] = set()
     if a.profile:
-        # Profiled: two SAT and two dense iterations around the switch, after a profiler
-        # warm-up; then the trace is written. None of the iterations near them is timed.
-        start = a.sat_iters - 2
+        # Profiled: by default two SAT and two dense iterations around the switch, after a
+        # profiler warm-up; then the trace is written. None of the iterations near them
+        # is timed.
+        start = a.sat_iters - 2 if a.profile_start is None else a.profile_start
         cmd += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
-                "--profile-step-end", str(start + 4)]
-        profiled = set(range(start - 2, start + 7))
+                "--profile-step-end", str(start + a.profile_steps)]
+        profiled = set(range(start - 2, start + a.profile_steps + 3))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=bench_env())
     log = proc.stdout + proc.stderr
     (log_dir / "pretrain.log").write_text(log)
     if proc.returncode != 0:  # e.g. the dense phase runs out of memory: keep the SAT one
@@ -163,8 +181,11 @@ def main() -> None:
     p.add_argument("--sat-iters", type=int, default=12)
     p.add_argument("--dense-iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--flags", choices=["baseline", "tuned"], default="tuned")
+    p.add_argument("--flags", choices=FLAG_SETS, default="tuned")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-start", type=int, default=None,
+                   help="first profiled iteration (default: two before the switch)")
+    p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--port", type=int, default=29533)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("extra", nargs="*", help="more pretrain_sat.py flags (after --)")

@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
 # The performance suite on one H100 (docs/performance.md quotes its JSON):
-#   bash benchmarks/run_h100.sh [OUT_DIR]
-# Installs a carried megatron-core wheel if megatron is missing (GPU hosts have no network).
+#   bash benchmarks/run_h100.sh [OUT_DIR] [PART...]
+# PART: check (the CUDA tests of the torch fusions), step (whole training step), lors
+# (a whole LORS run against dense), layers, profile; default: all but profile. Every run
+# starts with benchmarks/gemm_probe.py (how fast this GPU is today). Installs a carried
+# megatron-core wheel if megatron is missing (GPU hosts have no network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-benchmarks/results}}
+shift || true
+PARTS=${*:-check step lors layers}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 "$PY" -c "import megatron.core" 2>/dev/null || "$PY" -m pip install -q --no-deps .whl/*.whl
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > "$OUT/gpu.txt" || true
 status=0
 step() { echo "== $(date +%T) $*"; "$PY" "$@" || { echo "FAILED: $*"; status=1; }; }
-# whole step: TinyLlama at micro-batch 4 (profiled), 8 and 16; Llama-2-7B layers at 1
-step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 --global-batch-size 32 \
-  --sat-iters 14 --profile --out "$OUT/step_tinyllama_mbs4.json"
-for mbs in 16; do
-  step benchmarks/bench_step.py --shape tinyllama --micro-batch-size "$mbs" \
-    --global-batch-size 32 --out "$OUT/step_tinyllama_mbs$mbs.json"
-done
-step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 1 --global-batch-size 8 \
-  --out "$OUT/step_llama2_7b_8l_mbs1.json"
-# a whole LORS run against dense (target 5)
-step benchmarks/bench_lors.py --shape tinyllama --iters 300 --lors-start 200 \
-  --micro-batch-size 16 --global-batch-size 16 --out "$OUT/lors_tinyllama.json"
-# layers: SAT vs dense vs a dense layer of the kept width, selection cost, host syncs
-step benchmarks/bench_layers.py --batch 16 --no-profile --out "$OUT/layers_tinyllama_b16.json"
-step benchmarks/bench_layers.py --batch 4 --rates 0.5 --out "$OUT/layers_tinyllama_b4.json"
+step benchmarks/gemm_probe.py --out "$OUT/gemm_probe.json"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part check; then
+  step -m pytest -q -p no:cacheprovider tests/test_torch_fusions.py -k cuda
+fi
+if part step; then
+  # TinyLlama at micro-batch 16 with megatron_sat's torch fusions and without; at 4
+  # (host-bound); SAT's memory saving spent on micro-batch 32 (runs out of memory: the
+  # fp32 logits); the Llama-2-7B layers at micro-batch 2
+  for flags in tuned tuned-megatron; do
+    step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 16 \
+      --global-batch-size 32 --flags "$flags" --out "$OUT/step_tinyllama_mbs16_$flags.json"
+  done
+  step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 --global-batch-size 32 \
+    --out "$OUT/step_tinyllama_mbs4.json"
+  step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 32 --global-batch-size 32 \
+    --dense-iters 2 --out "$OUT/step_tinyllama_mbs32.json"
+  step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 2 --global-batch-size 8 \
+    --out "$OUT/step_llama2_7b_8l_mbs2.json"
+fi
+if part profile; then  # where the SAT step's GPU time goes (two profiled SAT iterations)
+  step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 16 --global-batch-size 32 \
+    --sat-iters 12 --dense-iters 1 --profile --profile-start 8 --profile-steps 2 \
+    --out "$OUT/profile_sat_tinyllama_mbs16.json"
+fi
+if part lors; then  # target 5
+  step benchmarks/bench_lors.py --shape tinyllama --iters 300 --lors-start 200 \
+    --micro-batch-size 16 --global-batch-size 16 --out "$OUT/lors_tinyllama.json"
+fi
+if part layers; then  # SAT vs dense vs a dense layer of the kept width, selection, syncs
+  step benchmarks/bench_layers.py --batch 16 --no-profile --out "$OUT/layers_tinyllama_b16.json"
+  step benchmarks/bench_layers.py --batch 4 --rates 0.5 --out "$OUT/layers_tinyllama_b4.json"
+fi
 exit $status

@@ -26,7 +26,7 @@ DATA_ARGS=(
 TRAIN=(
   --micro-batch-size 4 --global-batch-size 8 --train-iters 50
   --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.01
-  --clip-grad 1.0 --seed 1234 --no-gradient-accumulation-fusion
+  --clip-grad 1.0 --seed 1234
   --log-interval 5 --eval-interval 25 --eval-iters 2
   --save "$OUT/checkpoint" --save-interval 50 --ckpt-format torch_dist
   --tensorboard-dir "$OUT/tensorboard"

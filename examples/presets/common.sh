@@ -125,7 +125,7 @@ sat_add_llama_args() {
     --position-embedding-type rope --rotary-base 10000
     --untie-embeddings-and-output-weights --disable-bias-linear
     --attention-dropout 0 --hidden-dropout 0
-    --no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion
+    --no-rope-fusion --no-persist-layer-norm
   )
 }
 
