@@ -1,5 +1,6 @@
 """GPU tests: one session runs the whole multi-GPU suite (``multi_gpu.run_suite``) and
-prints its summary table at the end."""
+prints its summary table at the end. A bad GPU_TEST_* variable stops pytest at start-up
+with a message naming it."""
 
 from __future__ import annotations
 
@@ -15,14 +16,23 @@ import multi_gpu  # noqa: E402
 _results: dict = {}
 
 
+def pytest_configure(config) -> None:
+    try:
+        multi_gpu.check_settings()
+    except multi_gpu.SuiteError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
 @pytest.fixture(scope="session")
-def suite() -> dict:
+def suite(request) -> dict:
     """The suite's results (``results.json``), run once per session."""
     if not _results:
         out = multi_gpu.default_out()
+        capture = request.config.pluginmanager.getplugin("capturemanager")
 
         def progress(line: str) -> None:
-            print(line, file=sys.__stdout__, flush=True)  # live, past pytest's capture
+            with capture.global_and_fixture_disabled():  # live, past pytest's capture
+                print(line, flush=True)
 
         _results.update(multi_gpu.run_suite(out, progress))
     return _results
