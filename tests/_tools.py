@@ -27,3 +27,10 @@ def load_script(path: Path) -> ModuleType:
 def load_tool(name: str) -> ModuleType:
     """``tools/<name>.py``."""
     return load_script(REPO / "tools" / f"{name}.py")
+
+
+def train_tiny_tokenizer(out: Path, vocab: int, files: list[Path]) -> Path:
+    """``tools/train_tokenizer.py`` on ``files`` into ``out``; its ``tokenizer.model``."""
+    argv = ["--input", *map(str, files), "--output-dir", str(out), "--vocab-size", str(vocab)]
+    assert load_tool("train_tokenizer").main(argv) == 0
+    return out / "tokenizer.model"

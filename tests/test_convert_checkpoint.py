@@ -32,7 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from _launch import REPO, _env, read_tensorboard
-from _tools import load_tool
+from _tools import load_tool, train_tiny_tokenizer
 
 from megatron_sat import convert
 from megatron_sat.megatron_checkpoint import MegatronCheckpoint
@@ -59,16 +59,9 @@ LAYOUTS = [("tp1", 1, 1, [1, 1]), ("tp2", 2, 1, [2, 1]), ("pp2", 1, 2, [1, 2])]
 
 
 convert_checkpoint = load_tool("convert_checkpoint")
-train_tokenizer = load_tool("train_tokenizer")
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def _train_tokenizer(out: Path, vocab: int, files: list[Path]) -> Path:
-    assert train_tokenizer.main(["--input", *map(str, files), "--output-dir", str(out),
-                                 "--vocab-size", str(vocab)]) == 0
-    return out / "tokenizer.model"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def tokenizers(tmp_path_factory) -> dict[str, Path]:
     """``old`` (trained, 400 pieces), ``new`` (old + NEW_PIECES), ``other`` (trained on
     other text: same size, different ids) and ``small`` (380 pieces)."""
     root = tmp_path_factory.mktemp("tokenizers")
-    old = _train_tokenizer(root / "old", VOCAB, CORPUS)
+    old = train_tiny_tokenizer(root / "old", VOCAB, CORPUS)
     proto = model_pb2.ModelProto()
     proto.ParseFromString(old.read_bytes())
     existing = {p.piece for p in proto.pieces}
@@ -87,8 +80,8 @@ def tokenizers(tmp_path_factory) -> dict[str, Path]:
     (root / "new" / "tokenizer.model").write_bytes(proto.SerializeToString())
     other_text = sorted((REPO / "examples" / "data" / "tiny_corpus").glob("*.txt"))[10:13]
     return {"old": old, "new": root / "new" / "tokenizer.model",
-            "other": _train_tokenizer(root / "other", VOCAB + 20, other_text),
-            "small": _train_tokenizer(root / "small", VOCAB - 20, CORPUS)}
+            "other": train_tiny_tokenizer(root / "other", VOCAB + 20, other_text),
+            "small": train_tiny_tokenizer(root / "small", VOCAB - 20, CORPUS)}
 
 
 def _llama(variant: str, dtype=torch.float32) -> LlamaForCausalLM:

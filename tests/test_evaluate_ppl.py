@@ -17,7 +17,7 @@ import sentencepiece
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from _tools import load_tool
+from _tools import load_tool, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = sorted((REPO / "examples" / "data" / "tiny_corpus").glob("*.txt"))[:3]
@@ -31,15 +31,11 @@ DOCS = [
 
 
 evaluate_ppl = load_tool("evaluate_ppl")
-train_tokenizer = load_tool("train_tokenizer")
 
 
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    assert train_tokenizer.main(["--input", *map(str, CORPUS), "--output-dir", str(out),
-                                 "--vocab-size", str(VOCAB)]) == 0
-    return out / "tokenizer.model"
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), VOCAB, CORPUS)
 
 
 def _llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
@@ -187,11 +183,9 @@ def test_megatron_checkpoint_with_the_wrong_tokenizer_fails(tmp_path, capsys, hf
                                                             text_file, pieces, message):
     from megatron_sat import convert
     convert.hf_to_megatron(hf_model, tmp_path / "megatron")
-    other = tmp_path / "other"
-    assert train_tokenizer.main(["--input", *map(str, CORPUS), "--output-dir", str(other),
-                                 "--vocab-size", str(pieces)]) == 0
+    other = train_tiny_tokenizer(tmp_path / "other", pieces, CORPUS)
     code, report = _run(tmp_path, "--model", str(tmp_path / "megatron"), "--tokenizer-model",
-                        str(other / "tokenizer.model"), "--input", str(text_file))
+                        str(other), "--input", str(text_file))
     assert code == 2 and report is None
     err = capsys.readouterr().err
     assert "--tokenizer-model" in err and message in err, err

@@ -16,7 +16,7 @@ import numpy
 import pytest
 import sentencepiece
 
-from _tools import load_tool
+from _tools import load_tool, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = sorted((REPO / "examples" / "data" / "tiny_corpus").glob("*.txt"))
@@ -43,10 +43,7 @@ preprocess_data = load_tool("preprocess_data")
 
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    assert train_tokenizer.main(["--input", *map(str, CORPUS), "--output-dir", str(out),
-                                 "--vocab-size", "512"]) == 0
-    return out / "tokenizer.model"
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), 512, CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +81,8 @@ def test_tokenizer_is_llama_style_and_reproducible(tmp_path, tokenizer_model, sp
     assert sp.vocab_size() == 512
     text = "Ahab's 1851 voyage cost £3, ☃ included."
     assert sp.decode(sp.encode(text)) == text  # identity normalizer + byte fallback
-    assert train_tokenizer.main(["--input", *map(str, CORPUS), "--output-dir", str(tmp_path),
-                                 "--vocab-size", "512"]) == 0
-    assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer_model.read_bytes()
+    assert train_tiny_tokenizer(tmp_path, 512, CORPUS).read_bytes() == \
+        tokenizer_model.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
 
 
