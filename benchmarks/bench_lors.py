@@ -77,11 +77,12 @@ def main() -> None:
     dense_flops = sum(step_flops(shape, tokens, 0.0) for _ in timed)
     sat_flops = sum(step_flops(shape, tokens, rates[i]) for i in timed)
     measured, predicted = 1 - sat_s / dense_s, 1 - sat_flops / dense_flops
+    dense_median = statistics.median(ms["dense"][i] for i in timed)
     by_rate = {}
     for rate in sorted(set(rates[i] for i in timed), reverse=True):
         times = [ms["sat"][i] for i in timed if rates[i] == rate]
         by_rate[rate] = {"iterations": len(times), "median_ms": statistics.median(times),
-                         "dense_median_ms": statistics.median(ms["dense"][i] for i in timed)}
+                         "dense_median_ms": dense_median}
     # The first iteration at a new rate compiles the fused kernels for the new widths
     # (megatron_fixes fix 3: one static kernel per width): a one-off cost per ladder.
     starts = [i for i in timed if i - 1 in rates and rates[i] != rates[i - 1]]
