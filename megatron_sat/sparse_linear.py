@@ -36,34 +36,44 @@ from megatron_sat import runtime
 class SubsetMatmul(torch.autograd.Function):
     """y = x @ W_kept^T with W_kept = W.index_select(dim, index).
 
-    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features).
+    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features). The gathered
+    W_kept is saved for the backward pass rather than gathered again: it is (1 - r) of the
+    layer's weight in the compute dtype, small next to the layer's saved activations.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, dim: int):
-        ctx.save_for_backward(x, weight, index)
+        kept = weight.index_select(dim, index)
+        ctx.save_for_backward(x, weight, index, kept)
         ctx.dim = dim
-        return torch.matmul(x, weight.index_select(dim, index).t())
+        return torch.matmul(x, kept.t())
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, index = ctx.saved_tensors
+        x, weight, index, kept = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_y, weight.index_select(ctx.dim, index))
+            grad_x = torch.matmul(grad_y, kept)
         grad_w = None
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])
-            grad_kept = torch.matmul(gy.t(), x.reshape(-1, x.shape[-1]))
-            grad_w = _accumulate_weight_grad(weight, ctx.dim, index, grad_kept)
+            grad_w = _accumulate_weight_grad(weight, ctx.dim, index, gy.t(),
+                                             x.reshape(-1, x.shape[-1]))
         return grad_x, grad_w, None, None
 
 
-def _accumulate_weight_grad(weight, dim, index, grad_kept):
+def _accumulate_weight_grad(weight, dim, index, gy_t, x):
+    """Add the kept slice's weight gradient ``gy_t @ x`` into ``weight.main_grad`` (fp32,
+    megatron DDP), or return a dense ``.grad`` holding it when there is no ``main_grad``."""
     main_grad = getattr(weight, "main_grad", None)
     if main_grad is None:
-        return torch.zeros_like(weight).index_add_(dim, index, grad_kept)
-    main_grad.index_add_(dim, index, grad_kept.to(main_grad.dtype))
+        return torch.zeros_like(weight).index_add_(dim, index, torch.matmul(gy_t, x))
+    if main_grad.is_cuda and x.dtype != main_grad.dtype:
+        # a half-precision GEMM with an fp32 result: no rounding to bf16, no cast pass
+        grad_kept = torch.mm(gy_t, x, out_dtype=main_grad.dtype)
+    else:
+        grad_kept = torch.matmul(gy_t, x).to(main_grad.dtype)
+    main_grad.index_add_(dim, index, grad_kept)
     if hasattr(weight, "grad_added_to_main_grad"):
         weight.grad_added_to_main_grad = True
     if runtime.dummy_wgrad_enabled():

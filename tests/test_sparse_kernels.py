@@ -1,0 +1,62 @@
+"""``SubsetMatmul`` against autograd of the dense slice.
+
+Forward, input gradient and the kept slice's weight gradient, added into an fp32
+``main_grad`` (megatron DDP) or returned as a dense ``.grad``. The ``cuda`` test runs on a
+GPU only (``benchmarks/run_h100.sh OUT check``): the fp32-result weight-gradient GEMM.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_sat.sparse_linear import SubsetMatmul
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("with_main_grad", [False, True])
+def test_subset_matmul_matches_autograd_of_the_dense_slice(dim, with_main_grad):
+    torch.manual_seed(0)
+    weight = torch.randn(10, 12, dtype=torch.float64)
+    index = torch.tensor([1, 4, 5, 9]) if dim == 0 else torch.tensor([0, 3, 7, 8, 11, 2])
+    x = torch.randn(3, 5, 12 if dim == 0 else index.numel(), dtype=torch.float64)
+    w = weight.clone().requires_grad_()
+    if with_main_grad:
+        w.main_grad = torch.full_like(weight, 0.5)
+    xa = x.clone().requires_grad_()
+    y = SubsetMatmul.apply(xa, w, index, dim)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    yr = xr @ wr.index_select(dim, index).t()
+    g = torch.randn_like(yr)
+    y.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(xa.grad, xr.grad)
+    if with_main_grad:
+        assert w.grad is None  # no full-size weight gradient
+        got = w.main_grad - 0.5
+    else:
+        got = w.grad
+    torch.testing.assert_close(got, wr.grad)
+    omitted = torch.ones(weight.shape[dim], dtype=torch.bool)
+    omitted[index] = False
+    assert torch.all(got.index_select(dim, omitted.nonzero().flatten()) == 0)
+
+
+@cuda
+def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight.main_grad = torch.zeros(512, 256, device="cuda", dtype=torch.float32)
+    index = torch.arange(0, 512, 2, device="cuda")
+    y = SubsetMatmul.apply(x, weight, index, 0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = torch.zeros(512, 256, dtype=torch.float64, device="cuda")
+    want[index] = g.double().t() @ x.double()
+    err = (weight.main_grad.double() - want).abs().max().item()
+    bf16_err = (want.to(torch.bfloat16).double() - want).abs().max().item()
+    assert err < bf16_err / 8, (err, bf16_err)  # fp32 accumulation, never rounded to bf16
