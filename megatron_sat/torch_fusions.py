@@ -8,8 +8,10 @@ because none of them shrinks with the omission rate. :func:`apply` replaces them
 1. **RoPE** (``--no-rope-fusion``): ``rope_utils._apply_rotary_pos_emb_bshd`` is eager
    torch, about six full-size elementwise passes forward and backward over each of Q and
    K (slices, rotate-half's negation and concatenation, two products, a sum, a final
-   concatenation). It is wrapped in ``torch.compile`` with static shapes, which fuses each
-   direction into one kernel per head count (SAT's kept head counts included).
+   concatenation). It is wrapped in ``torch.compile``, which fuses each direction into
+   one kernel. The head dimension is dynamic, so one compilation serves Q, K and every
+   kept head count of a LORS schedule (static per head count cost 1-2 s of compilation
+   per ladder on an H100 and ran no faster: docs/performance.md).
 2. **Adam**: megatron builds ``torch.optim.Adam``/``AdamW`` with torch's default
    multi-tensor ``foreach`` update, about ten passes over the fp32 optimizer state. The
    param groups are switched to torch's ``fused`` update (one pass), the role Apex's
@@ -72,8 +74,17 @@ def apply() -> list[str]:
 
 
 def compiled_rope(rope_fn, backend: str = "inductor"):
-    """megatron's eager RoPE, compiled: static shapes, the whole function as one graph."""
-    return torch.compile(rope_fn, backend=backend, dynamic=False, fullgraph=True)
+    """megatron's eager RoPE ``rope_fn(t, freqs, ...)`` on t [s, b, heads, d], compiled
+    with the head count dynamic and the other sizes static."""
+    compiled = torch.compile(rope_fn, backend=backend)
+
+    @functools.wraps(rope_fn)
+    def rope(t, freqs, *args, **kwargs):
+        if t.dim() == 4 and t.shape[2] > 1:  # torch specialises sizes 0 and 1
+            torch._dynamo.mark_dynamic(t, 2)
+        return compiled(t, freqs, *args, **kwargs)
+
+    return rope
 
 
 def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
