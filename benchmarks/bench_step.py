@@ -1,17 +1,19 @@
 """Whole training step, SAT vs dense, in ONE run of ``pretrain_sat.py``.
 
 Each case is one launch of the real entry point (megatron's training loop, bf16, the
-distributed optimizer, mock data) that trains ``--sat-iters`` iterations at omission rate
-r and then ``--dense-iters`` dense iterations. The switch is LORS with a single ladder
-(``--sat-lors-start N --sat-lors-ladders 1``: Eq. 11 gives r up to step N and 0 after),
-so both phases share the process, the model, the memory pool and the GPU clocks. The rate
-of every iteration is read back from megatron's log line, never assumed.
+distributed optimizer, mock data) through ``alternating_rate.py``: blocks of ``--block``
+iterations at omission rate r alternate with dense blocks, ``--cycles`` times. Both phases
+share the process, the model, the memory pool and the GPU clocks, and interleave, so a
+drift of the GPU's speed hits both. The first cycle (compilation) and the first
+iteration after every switch are not timed. The rate of every iteration is read back
+from megatron's log line, never assumed.
 
-For each phase it reports the median iteration time (after warm-up), tokens/s, model
-TFLOP/s and MFU (megatron_sat.flops, 989 TFLOP/s peak), and the SAT/dense ratio next to
-the ideal ratio (dense FLOPs over SAT FLOPs, everything that does not shrink included).
-With ``--profile`` megatron's torch profiler records two SAT and two dense iterations and
-``profile_summary.py`` turns the trace into a table of where the GPU time goes.
+For each phase it reports the median iteration time, tokens/s, model TFLOP/s and MFU
+(megatron_sat.flops, 989 TFLOP/s peak), and the SAT/dense ratio next to the ideal ratio
+(dense FLOPs over SAT FLOPs, everything that does not shrink included). With
+``--profile`` megatron's torch profiler records the last two SAT and the first two dense
+iterations of the second cycle, and ``profile_summary.py`` turns the trace into a table of
+where the GPU time goes.
 
     python benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 \
         --global-batch-size 32 --out benchmarks/results/step_tinyllama_mbs4.json
@@ -96,10 +98,16 @@ _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(
 _MEM = re.compile(r"max allocated: ([\d.]+)")
 
 
+def timed_iterations(rates: dict[int, float], first: int) -> list[int]:
+    """Iterations from ``first`` on whose predecessor ran at the same rate."""
+    return [i for i, r in rates.items() if i >= first and rates.get(i - 1) == r]
+
+
 def run_case(a, s: dict, log_dir: Path) -> dict:
-    total = a.sat_iters + a.dense_iters
+    total = 2 * a.block * a.cycles
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-port", str(a.port), str(ROOT / "pretrain_sat.py"), *model_args(s),
+           "--master-port", str(a.port), str(ROOT / "benchmarks" / "alternating_rate.py"),
+           *model_args(s),
            "--micro-batch-size", str(a.micro_batch_size),
            "--global-batch-size", str(a.global_batch_size), "--train-iters", str(total),
            "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
@@ -110,19 +118,19 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
            "--tensorboard-dir", str(log_dir / "tensorboard"),
            "--sat-omission-rate", str(a.rate), "--sat-metric", a.metric,
            "--sat-selection", a.selection, "--sat-gqa-mode", a.gqa_mode,
-           "--sat-lors-start", str(a.sat_iters), "--sat-lors-ladders", "1",
            *FLAG_SETS[a.flags], *a.extra]
     profiled: set[int] = set()
     if a.profile:
-        # Profiled: by default two SAT and two dense iterations around the switch, after a
-        # profiler warm-up; then the trace is written. None of the iterations near them
-        # is timed.
-        start = a.sat_iters - 2 if a.profile_start is None else a.profile_start
+        # megatron's profiler window [start, start + steps) of 1-based iterations: by
+        # default the last two SAT and the first two dense ones of the second cycle. The
+        # iterations near it are not timed.
+        start = 3 * a.block - 1 if a.profile_start is None else a.profile_start
         cmd += ["--profile", "--use-pytorch-profiler", "--profile-step-start", str(start),
                 "--profile-step-end", str(start + a.profile_steps)]
         profiled = set(range(start - 2, start + a.profile_steps + 3))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=bench_env())
+    env = {**bench_env(), "SAT_BENCH_BLOCK": str(a.block)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     log = proc.stdout + proc.stderr
     (log_dir / "pretrain.log").write_text(log)
     if proc.returncode != 0:  # e.g. the dense phase runs out of memory: keep the SAT one
@@ -131,11 +139,11 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
             for i, ms, loss, rate in _LINE.findall(log)]
     tokens = a.global_batch_size * s["seq"]
     shape = shape_of(s)
+    rates = {i: r for i, _, _, r in rows}
+    timed = set(timed_iterations(rates, first=2 * a.block + 1)) - profiled
     phases = {}
-    for name, rate, first in (("sat", a.rate, a.warmup + 1), ("dense", 0.0,
-                                                               a.sat_iters + 3)):
-        times = [ms for i, ms, _, r in rows
-                 if abs(r - rate) < 1e-9 and i >= first and i not in profiled]
+    for name, rate in (("sat", a.rate), ("dense", 0.0)):
+        times = [ms for i, ms, _, r in rows if abs(r - rate) < 1e-9 and i in timed]
         if not times:
             phases[name] = None
             continue
@@ -164,7 +172,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
                                        / (result["ideal_speedup"] - 1))
     if a.profile:
         traces = sorted((log_dir / "torch_profile").glob("rank-*.json.gz"))
-        result["profile"] = summarize(traces[0], last_sat_step=a.sat_iters) if traces else None
+        result["profile"] = summarize(traces[0], rates) if traces else None
     return result
 
 
@@ -178,13 +186,15 @@ def main() -> None:
     p.add_argument("--gqa-mode", default="heads")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=32)
-    p.add_argument("--sat-iters", type=int, default=12)
-    p.add_argument("--dense-iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--block", type=int, default=4,
+                   help="iterations per SAT or dense block (default 4)")
+    p.add_argument("--cycles", type=int, default=4,
+                   help="SAT + dense block pairs; the first is not timed (default 4)")
     p.add_argument("--flags", choices=FLAG_SETS, default="tuned")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--profile-start", type=int, default=None,
-                   help="first profiled iteration (default: two before the switch)")
+                   help="first profiled iteration (default: the second cycle's last two "
+                        "SAT iterations, then two dense ones)")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--port", type=int, default=29533)
     p.add_argument("--out", type=Path, required=True)

@@ -11,7 +11,11 @@ iteration this reports:
   Python, synchronisation) when large;
 * ``host_sync_ms``: time the host spent in CUDA calls that wait for the device;
 * kernel time by category (matmul, attention, index gather/scatter, elementwise, ...), the
-  top kernels, and the number of kernel launches.
+  top kernels, and the number of kernel launches;
+* ``gpu_idle_by_op_ms``: the GPU's idle gaps (>= 20 us) by what the host was doing: each
+  gap is charged to the host operation that launched the kernel ending it (the outermost
+  one under the step, e.g. ``aten::index_select`` or an autograd backward function), so
+  host-bound stretches show which code the GPU waited for.
 
     python benchmarks/profile_summary.py runs/x/torch_profile/rank-0.json.gz
 """
@@ -54,13 +58,50 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def _enclosing_ops(ops: list[dict], times: list[float]) -> list[list[str]]:
+    """For each time (sorted), the names of the ops of one thread that contain it,
+    outermost first (a sweep with a stack: ops of one thread nest)."""
+    ops = sorted(ops, key=lambda e: (e["ts"], -e["dur"]))
+    stack, out, i = [], [], 0
+    for t in times:
+        while i < len(ops) and ops[i]["ts"] <= t:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < ops[i]["ts"]:
+                stack.pop()
+            stack.append(ops[i])
+            i += 1
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] < t:
+            stack.pop()
+        out.append([e["name"] for e in stack if e["ts"] + e["dur"] >= t])
+    return out
+
+
+def _idle_by_op(kernels: list[dict], launches: dict, cpu_ops: dict, min_us: float = 20.0,
+                top: int = 15) -> dict:
+    """GPU idle gaps charged to the host op that launched the kernel ending each gap."""
+    gaps, end = [], None
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        if end is not None and k["ts"] - end >= min_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            if launch is not None:
+                gaps.append((launch["tid"], launch["ts"], k["ts"] - end))
+        end = k["ts"] + k["dur"] if end is None else max(end, k["ts"] + k["dur"])
+    by_op = defaultdict(float)
+    for tid in {g[0] for g in gaps}:
+        mine = sorted((g for g in gaps if g[0] == tid), key=lambda g: g[1])
+        names = _enclosing_ops(cpu_ops.get(tid, []), [g[1] for g in mine])
+        for (_, _, gap), chain in zip(mine, names):
+            chain = [n for n in chain if not n.startswith("ProfilerStep#")]
+            by_op[chain[0][:90] if chain else "(no op)"] += gap / 1e3
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top])
+
+
 _SYNC = re.compile(r"Synchronize|cudaMemcpy(?!Async)|cudaStreamWaitEvent", re.I)
 
 
-def summarize(path: Path, last_sat_step: int = -1, top: int = 15) -> dict:
+def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) -> dict:
     """Per-iteration summary of the trace. ``ProfilerStep#k`` is megatron's 1-based
-    iteration k; steps up to ``last_sat_step`` are labelled ``sat``, later ones ``dense``
-    (bench_step.py profiles across its switch from SAT to dense)."""
+    iteration k; ``rates`` (iteration -> omission rate, from megatron's log) labels each
+    step ``sat`` or ``dense``."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -79,6 +120,12 @@ def summarize(path: Path, last_sat_step: int = -1, top: int = 15) -> dict:
                     if _SYNC.search(e.get("name", "")):
                         syncs[i][e["name"]] += e["dur"] / 1e3
                     break
+    launches = {e.get("args", {}).get("correlation"): e for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    cpu_ops = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+            cpu_ops[e["tid"]].append(e)
     kernels = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
@@ -91,17 +138,18 @@ def summarize(path: Path, last_sat_step: int = -1, top: int = 15) -> dict:
         by_cat, by_name = defaultdict(float), defaultdict(float)
         for k in ks:
             by_cat[category(k["name"])] += k["dur"] / 1e3
-            by_name[k["name"][:90]] += k["dur"] / 1e3
+            by_name[k["name"][:120]] += k["dur"] / 1e3
         wall = (stop - start) / 1e3
         busy = _union_ms([(k["ts"], k["ts"] + k["dur"]) for k in ks])
         number = int(name.split("#")[1])
         out.append({
-            "step": name, "phase": "sat" if number <= last_sat_step else "dense",
+            "step": name, "phase": "sat" if (rates or {}).get(number, 0.0) > 0 else "dense",
             "wall_ms": wall, "host_sync_ms": dict(syncs[i]),
             "gpu_busy_ms": busy, "gpu_idle_fraction": 1 - busy / wall if wall else None,
             "kernel_launches": len(ks),
             "by_category_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:top]),
+            "gpu_idle_by_op_ms": _idle_by_op(ks, launches, cpu_ops),
         })
     return {"trace": str(path), "steps": out}
 
@@ -109,9 +157,8 @@ def summarize(path: Path, last_sat_step: int = -1, top: int = 15) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", type=Path)
-    p.add_argument("--last-sat-step", type=int, default=-1)
     a = p.parse_args()
-    print(json.dumps(summarize(a.trace, a.last_sat_step), indent=1))
+    print(json.dumps(summarize(a.trace), indent=1))
 
 
 if __name__ == "__main__":

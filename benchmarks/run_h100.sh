@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The performance suite on one H100 (docs/performance.md quotes its JSON):
 #   bash benchmarks/run_h100.sh [OUT_DIR] [PART...]
-# PART: check (the CUDA tests of the torch fusions), step (whole training step), lors
-# (a whole LORS run against dense), layers, profile; default: all but profile. Every run
+# PART: check (the CUDA-only tests), kernels (compile time and speed of the width-dependent
+# kernels over a LORS schedule), step (whole training step), lors (a whole LORS run against
+# dense), layers, profile; default: all but profile. Every run
 # starts with benchmarks/gemm_probe.py (how fast this GPU is today). Installs a carried
 # megatron-core wheel if megatron is missing (GPU hosts have no network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-benchmarks/results}}
 shift || true
-PARTS=${*:-check step lors layers}
+PARTS=${*:-check kernels step lors layers}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 "$PY" -c "import megatron.core" 2>/dev/null || "$PY" -m pip install -q --no-deps .whl/*.whl
@@ -19,7 +20,13 @@ step() { echo "== $(date +%T) $*"; "$PY" "$@" || { echo "FAILED: $*"; status=1; 
 step benchmarks/gemm_probe.py --out "$OUT/gemm_probe.json"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part check; then
-  step -m pytest -q -p no:cacheprovider tests/test_torch_fusions.py -k cuda
+  # the log goes to a file: a call's returned output is cut to its tail
+  step -m pytest -v -p no:cacheprovider tests/test_torch_fusions.py \
+    tests/test_sparse_kernels.py -k cuda > "$OUT/check.log" 2>&1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/check.log"
+fi
+if part kernels; then
+  step benchmarks/bench_kernels.py --out "$OUT/kernels.json"
 fi
 if part step; then
   # TinyLlama at micro-batch 16 with megatron_sat's torch fusions and without; at 4
@@ -32,14 +39,15 @@ if part step; then
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 4 --global-batch-size 32 \
     --out "$OUT/step_tinyllama_mbs4.json"
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 32 --global-batch-size 32 \
-    --dense-iters 2 --out "$OUT/step_tinyllama_mbs32.json"
+    --block 2 --cycles 1 --out "$OUT/step_tinyllama_mbs32.json"
   step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 2 --global-batch-size 8 \
     --out "$OUT/step_llama2_7b_8l_mbs2.json"
 fi
-if part profile; then  # where the SAT step's GPU time goes (two profiled SAT iterations)
+if part profile; then  # where the GPU time goes: two SAT and two dense iterations each
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 16 --global-batch-size 32 \
-    --sat-iters 12 --dense-iters 1 --profile --profile-start 8 --profile-steps 2 \
-    --out "$OUT/profile_sat_tinyllama_mbs16.json"
+    --profile --out "$OUT/profile_tinyllama_mbs16.json"
+  step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 2 --global-batch-size 8 \
+    --profile --out "$OUT/profile_llama2_7b_8l_mbs2.json"
 fi
 if part lors; then  # target 5
   step benchmarks/bench_lors.py --shape tinyllama --iters 300 --lors-start 200 \

@@ -1,0 +1,202 @@
+"""SAT's own kernels on one GPU: the fused kernels over a LORS schedule, and the
+accumulation of the kept weight gradients.
+
+Each LORS ladder changes the kept MLP width and the kept query-head count, so every
+compiled kernel that depends on them meets a new shape. This script runs, in one process
+with an empty inductor cache, every width of the TinyLlama schedule (r = 0.5 .. 0 in five
+ladders) through:
+
+* SwiGLU: megatron-core's fused SwiGLU (halves [gate; up]), one static kernel per width
+  (megatron_fixes fix 3);
+* RoPE: megatron's RoPE compiled with static shapes (one kernel per head count) against
+  megatron-sat's :func:`~megatron_sat.torch_fusions.compiled_rope` (the head count dynamic).
+
+For each it reports the first call (compilation included) and the median of later calls,
+forward + backward, and the largest difference from an fp32 eager reference.
+
+Weight gradients (``wgrad``): the kept slice's gradient of TinyLlama's fc1 (rows) and fc2
+(columns) at r = 0.5 added into an fp32 ``main_grad``, as a bf16 GEMM then a cast then
+``index_add_``, against a GEMM with an fp32 result then ``index_add_`` (what
+``SubsetMatmul`` does), next to the dense layer's fp32-accumulating GEMM into ``main_grad``.
+
+    python benchmarks/bench_kernels.py --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
+
+import torch  # noqa: E402
+
+from megatron_sat import megatron_fixes  # noqa: E402
+from megatron_sat.config import kept_channels, kept_count  # noqa: E402
+from megatron_sat.torch_fusions import compiled_rope  # noqa: E402
+
+RATES = (0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+
+
+def timed(fn, grad_shape_of, x: torch.Tensor, iters: int) -> tuple[float, list[float], float]:
+    """Forward + backward of ``fn(x)``: the first call's seconds (compilation included),
+    the later calls' milliseconds (host included: synchronised), and the GPU kernel time
+    per later call in milliseconds (from the profiler: what a step that keeps the GPU
+    busy pays)."""
+    grad = torch.ones(grad_shape_of(x), device=x.device, dtype=x.dtype)
+
+    def call():
+        fn(x.detach().requires_grad_()).backward(grad)
+
+    times = []
+    for _ in range(iters + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return times[0], [t * 1e3 for t in times[1:]], gpu_us / iters / 1e3
+
+
+def error(fn, ref_fn, x: torch.Tensor) -> dict:
+    """Largest |output| and |input-gradient| difference from ``ref_fn`` run in fp32."""
+    xa, xr = x.detach().requires_grad_(), x.detach().float().requires_grad_()
+    ya, yr = fn(xa), ref_fn(xr)
+    g = torch.randn_like(yr)
+    ya.backward(g.to(ya.dtype))
+    yr.backward(g)
+    return {"out": (ya.float() - yr).abs().max().item(),
+            "grad": (xa.grad.float() - xr.grad).abs().max().item()}
+
+
+def swiglu_cases(tokens: int, ffn: int, iters: int) -> list[dict]:
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    def megatron_halves(y):
+        return bias_swiglu_impl(y, None)
+
+    def halves_ref(y):
+        g, u = torch.chunk(y, 2, -1)
+        return torch.nn.functional.silu(g) * u
+
+    rows = []
+    for rate in RATES:
+        k = kept_channels(ffn, rate, 64)
+        x = torch.randn(tokens, 2 * k, device="cuda", dtype=torch.bfloat16)
+        first, later, gpu = timed(megatron_halves, lambda t: (t.shape[0], t.shape[1] // 2),
+                                  x, iters)
+        rows.append({"kernel": "swiglu", "variant": "megatron static [gate; up]",
+                     "rate": rate, "width": k, "first_call_s": first,
+                     "median_ms": statistics.median(later), "gpu_ms": gpu,
+                     "max_error": error(megatron_halves, halves_ref, x[:4096])})
+    return rows
+
+
+def rope_cases(seq: int, batch: int, groups: int, q_per_group: int, iters: int) -> list[dict]:
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    eager = rope_utils._apply_rotary_pos_emb_bshd
+    static = torch.compile(eager, dynamic=False, fullgraph=True)
+    dynamic_heads = compiled_rope(eager)
+    freqs = torch.randn(seq, 1, 1, 64, device="cuda")
+    rows = []
+    for name, fn in (("static per head count", static), ("dynamic heads", dynamic_heads)):
+        for rate in RATES:
+            heads = groups * kept_count(q_per_group, rate)
+            for role, h in (("q", heads), ("k", groups)):
+                x = torch.randn(seq, batch, h, 64, device="cuda", dtype=torch.bfloat16)
+                first, later, gpu = timed(lambda t: fn(t, freqs), lambda t: t.shape, x, iters)
+                rows.append({"kernel": "rope", "variant": name, "rate": rate, "role": role,
+                             "heads": h, "first_call_s": first,
+                             "median_ms": statistics.median(later), "gpu_ms": gpu,
+                             "max_error": error(lambda t: fn(t, freqs[:256]),
+                                                lambda t: eager(t, freqs[:256]), x[:256])})
+    return rows
+
+
+def cuda_ms(fn, iters: int) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events."""
+    fn()
+    times = []
+    for _ in range(iters):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
+    rows = []
+    kept = kept_channels(ffn, 0.5, 64)
+    for layer, shape, dim, n_kept in (("fc1", (2 * ffn, hidden), 0, 2 * kept),
+                                      ("fc2", (hidden, ffn), 1, kept)):
+        main_grad = torch.zeros(shape, device="cuda")
+        index = torch.randperm(shape[dim], device="cuda")[:n_kept].sort().values
+        gy = torch.randn(tokens, n_kept if dim == 0 else shape[0], device="cuda",
+                         dtype=torch.bfloat16)
+        x = torch.randn(tokens, shape[1] if dim == 0 else n_kept, device="cuda",
+                        dtype=torch.bfloat16)
+        gy_full = torch.randn(tokens, shape[0], device="cuda", dtype=torch.bfloat16)
+        x_full = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+        variants = {
+            "bf16 GEMM, cast, index_add": lambda: main_grad.index_add_(
+                dim, index, torch.mm(gy.t(), x).float()),
+            "fp32-result GEMM, index_add": lambda: main_grad.index_add_(
+                dim, index, torch.mm(gy.t(), x, out_dtype=torch.float32)),
+            "dense: fp32-accumulating GEMM into main_grad": lambda: torch.addmm(
+                main_grad, gy_full.t(), x_full, out_dtype=torch.float32, out=main_grad),
+        }
+        for name, fn in variants.items():
+            ms = cuda_ms(fn, iters)
+            rows.append({"kernel": "wgrad", "variant": name, "layer": layer, "rate": 0.5,
+                         "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16 * 2048)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    megatron_fixes.apply()
+    rows = swiglu_cases(a.tokens, a.ffn, a.iters)
+    rows += rope_cases(2048, a.tokens // 2048, 4, 8, a.iters)
+    rows += wgrad_cases(a.tokens, 2048, a.ffn, a.iters)
+    summary = {}
+    for r in rows:
+        key = f"{r['kernel']} | {r['variant']}"
+        s = summary.setdefault(key, {"compile_s": 0.0, "median_ms": 0.0, "gpu_ms": 0.0})
+        for field, value in (("compile_s", r["first_call_s"]), ("median_ms", r["median_ms"]),
+                             ("gpu_ms", r["gpu_ms"])):
+            s[field] += value
+        print(f"{key:55s} r={r['rate']:.1f} {r.get('role', r.get('layer', '')):3s} "
+              f"first {r['first_call_s']:6.2f} s  median {r['median_ms']:7.3f} ms  "
+              f"GPU {r['gpu_ms']:7.3f} ms  err {r.get('max_error')}")
+    for key, s in summary.items():
+        print(f"{key:55s} all cases: first calls {s['compile_s']:.1f} s, sum of medians "
+              f"{s['median_ms']:.2f} ms, of GPU times {s['gpu_ms']:.2f} ms")
+    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                 "tokens": a.tokens, "rows": rows, "summary": summary},
+                                indent=1))
+
+
+if __name__ == "__main__":
+    main()
