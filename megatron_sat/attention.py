@@ -29,26 +29,40 @@ from megatron_sat.importance import head_scores, input_statistic, neuron_scores
 from megatron_sat.sparse_linear import keep
 
 
+class HeadLayout:
+    """Where a rank's heads live: index tables built once per module and device.
+
+    megatron-core lays out the local ``linear_qkv`` rows per kv group: the group's query
+    heads, then its key head, then its value head, ``head_dim`` rows each; the local
+    ``linear_proj`` columns follow the query heads in order. The tables turn a selection
+    into rows and columns with one indexing kernel each (instead of a dozen small ones).
+    """
+
+    def __init__(self, groups: int, q_per_group: int, head_dim: int, device: torch.device):
+        rows = torch.arange(groups * (q_per_group + 2) * head_dim, device=device)
+        rows = rows.view(groups, q_per_group + 2, head_dim)
+        self.q_rows = rows[:, :q_per_group]  # [G, q_per_group, head_dim]
+        self.kv_rows = rows[:, q_per_group:].reshape(groups, 2 * head_dim)
+        self.proj_columns = torch.arange(groups * q_per_group * head_dim, device=device)
+        self.proj_columns = self.proj_columns.view(groups, q_per_group, head_dim)
+        self.all_groups = torch.arange(groups, device=device)
+        self.all_queries = torch.arange(q_per_group, device=device)
+
+
 class HeadSelection:
     """Kept kv groups [G] and, inside each, the kept query heads [G, kq] (local indices)."""
 
-    def __init__(self, groups: torch.Tensor, queries: torch.Tensor):
-        self.groups, self.queries = groups, queries
+    def __init__(self, groups: torch.Tensor, queries: torch.Tensor, layout: HeadLayout):
+        self.groups, self.queries, self.layout = groups, queries, layout
 
-    def qkv_rows(self, q_per_group: int, head_dim: int) -> torch.Tensor:
+    def qkv_rows(self) -> torch.Tensor:
         """Local ``linear_qkv`` rows: per kept group its kept Q heads, then its K and V."""
-        block = (q_per_group + 2) * head_dim
-        offs = torch.arange(head_dim, device=self.groups.device)
-        base = self.groups[:, None] * block
-        q = (base + self.queries * head_dim)[..., None] + offs
-        k = (base + q_per_group * head_dim)[..., None] + offs
-        return torch.cat([q, k, k + head_dim], dim=1).reshape(-1)
+        q = self.layout.q_rows[self.groups[:, None], self.queries]
+        return torch.cat([q.flatten(1), self.layout.kv_rows[self.groups]], dim=1).reshape(-1)
 
-    def proj_columns(self, q_per_group: int, head_dim: int) -> torch.Tensor:
+    def proj_columns(self) -> torch.Tensor:
         """Local ``linear_proj`` columns of the kept query heads, in the same head order."""
-        heads = self.groups[:, None] * q_per_group + self.queries
-        offs = torch.arange(head_dim, device=heads.device)
-        return (heads[..., None] * head_dim + offs).reshape(-1)
+        return self.layout.proj_columns[self.groups[:, None], self.queries].reshape(-1)
 
 
 class SATSelfAttention(SelfAttention):
@@ -65,6 +79,7 @@ class SATSelfAttention(SelfAttention):
         self.sat = SparseBlock(sat_config, module_id=1, tp_group=self.tp_group,
                                layer_number=self.layer_number)
         self._layout: tuple[int, int] | None = None
+        self._heads: HeadLayout | None = None
 
     @property
     def q_per_group(self) -> int:
@@ -76,9 +91,7 @@ class SATSelfAttention(SelfAttention):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         sel = self.sat.draw(lambda: self.head_scores(hidden_states),
                             lambda s, g: self.choose_heads(s, rate, g), hidden_states.device)
-        hn, qpg = self.hidden_size_per_attention_head, self.q_per_group
-        with keep((self.linear_qkv, sel.qkv_rows(qpg, hn)),
-                  (self.linear_proj, sel.proj_columns(qpg, hn))):
+        with keep((self.linear_qkv, sel.qkv_rows()), (self.linear_proj, sel.proj_columns())):
             self._layout = tuple(sel.queries.shape)  # (kept groups, kept queries per group)
             try:
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)
@@ -94,16 +107,21 @@ class SATSelfAttention(SelfAttention):
         return head_scores(rows, self.num_query_groups_per_partition, self.q_per_group,
                            self.hidden_size_per_attention_head)
 
+    def head_layout(self, device: torch.device) -> HeadLayout:
+        if self._heads is None or self._heads.all_groups.device != device:
+            self._heads = HeadLayout(self.num_query_groups_per_partition, self.q_per_group,
+                                     self.hidden_size_per_attention_head, device)
+        return self._heads
+
     def choose_heads(self, scores: torch.Tensor, rate: float,
                      gen: torch.Generator) -> HeadSelection:
         groups, qpg = scores.shape
-        device = scores.device
+        layout = self.head_layout(scores.device)
         if qpg > 1 and self.sat.cfg.gqa_mode == "heads":
             queries = self.sat.pick(scores, kept_count(qpg, rate), gen)
-            return HeadSelection(torch.arange(groups, device=device), queries)
+            return HeadSelection(layout.all_groups, queries, layout)
         kept = self.sat.pick(scores.mean(dim=1), kept_count(groups, rate), gen)
-        queries = torch.arange(qpg, device=device).expand(kept.numel(), qpg)
-        return HeadSelection(kept, queries)
+        return HeadSelection(kept, layout.all_queries.expand(kept.numel(), qpg), layout)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate=False, split_qkv=True):

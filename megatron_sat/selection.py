@@ -13,6 +13,10 @@ Before the division by tau the scores are rescaled (``score_scale``):
 * ``raw``: as computed by Eq. 5.
 
 The paper does not state the scale; docs/design.md explains the choice.
+
+On a GPU the rescale, the division by tau and the Gumbel transform of the noise run as
+one compiled kernel (:func:`sampling_keys`): selection is a dozen tiny operations per
+block, and their launches, not their arithmetic, are what it costs.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ def select(scores: torch.Tensor, k: int, method: str, temperature: float, scale:
         raise ValueError(f"cannot keep {k} of {scores.shape[-1]} neurons")
     keys = scores.float()
     if method == "sampling":
-        keys = rescale(keys, scale) / temperature + gumbel_like(keys, generator)
+        exp_noise = torch.empty_like(keys).exponential_(generator=generator)
+        keys_fn = _compiled_sampling_keys if keys.is_cuda else sampling_keys
+        keys = keys_fn(keys, exp_noise, temperature, scale)
     elif method != "topk":
         raise ValueError(f"unknown selection {method!r}")
     if k == keys.shape[-1]:
@@ -54,7 +60,11 @@ def select(scores: torch.Tensor, k: int, method: str, temperature: float, scale:
     return torch.topk(keys, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-def gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard Gumbel noise -log(E), E ~ Exp(1), shaped like ``x``."""
-    e = torch.empty_like(x).exponential_(generator=generator)
-    return -torch.log(e)
+def sampling_keys(scores: torch.Tensor, exp_noise: torch.Tensor, temperature: float,
+                  scale: str) -> torch.Tensor:
+    """Gumbel-top-k keys rescale(s) / tau + G, with G = -log(E) standard Gumbel noise
+    from ``exp_noise`` = E ~ Exp(1)."""
+    return rescale(scores, scale) / temperature - torch.log(exp_noise)
+
+
+_compiled_sampling_keys = torch.compile(sampling_keys, dynamic=False)

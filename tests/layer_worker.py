@@ -243,13 +243,13 @@ def attention_case(tp, sp, heads, groups, gqa_mode, metric, use_main_grad):
     y_ref, leaves = attention_reference(wqkvs, wos, sels, x_ref, g_l, qpg, hn)
     names = {"linear_qkv.weight": leaves[0::2], "linear_proj.weight": leaves[1::2]}
     rows = torch.ones(wqkvs[0].shape[0], dtype=torch.bool)
-    rows[sel.qkv_rows(qpg, hn)] = False
+    rows[sel.qkv_rows()] = False
     cols = torch.ones(wos[0].shape[1], dtype=torch.bool)
-    cols[sel.proj_columns(qpg, hn)] = False
+    cols[sel.proj_columns()] = False
     omitted = [lambda g: g["linear_qkv.weight"][rows], lambda g: g["linear_proj.weight"][:, cols]]
     rec = compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted)
     kept_heads = sel.queries.numel()
-    rec["selection"] = sel.qkv_rows(qpg, hn).tolist()
+    rec["selection"] = sel.qkv_rows().tolist()
     rec["kept"] = kept_heads
     rec["expected_kept"] = (heads // tp) // 2
     rec["kv_groups_computed"] = int(sel.groups.numel())
