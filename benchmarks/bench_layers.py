@@ -7,9 +7,11 @@ buffers attached (as under megatron's DDP). For each block and rate it reports t
 * ``sat``: the SAT layer at rate r,
 * ``kept``: a dense layer whose width is the kept width (the ideal for SAT),
 
-the time of selection alone (scores + sampling, run back to back: ``selection_ms``), and
-the ratios dense/sat (speedup), kept/sat (how close to ideal), plus a torch.profiler
-table of the SAT layer's top kernels. Writes JSON.
+the time of selection alone (scores + sampling, run back to back: ``selection_ms``, which
+measures the host's launch latency, as selection's kernels are tiny) and selection's GPU
+kernel time (``selection_gpu_ms``, its cost when the host runs ahead of the GPU), the
+ratios dense/sat (speedup), kept/sat (how close to ideal) and selection/sat, plus a
+torch.profiler table of the SAT layer's top kernels. Writes JSON.
 
     python benchmarks/bench_layers.py --out results/layers.json
 """
@@ -117,8 +119,7 @@ def selection_fn(m, block, rate):
             m.sat.pick(s, m.kept(s.numel(), rate), gen)
         else:
             sel = m.choose_heads(m.head_scores(x), rate, gen)
-            hn, qpg = m.hidden_size_per_attention_head, m.q_per_group
-            sel.qkv_rows(qpg, hn), sel.proj_columns(qpg, hn)
+            sel.qkv_rows(), sel.proj_columns()
     return step
 
 
@@ -133,6 +134,17 @@ def timed(step, iters=20, warmup=5):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def gpu_ms(step, iters=20):
+    """GPU kernel time of one ``step`` (torch profiler): its cost when the host runs ahead."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
 
 
 def synchronizing_calls(step) -> list[str]:
@@ -186,10 +198,13 @@ def main():
                 kept = build(block, 0.0, heads=SHAPE["groups"] * (qpg - int(qpg * r)))
             kept_ms = timed(step_fn(kept, block))
             selection_ms = timed(selection_fn(sat_m, block, r))
+            selection_gpu_ms = gpu_ms(selection_fn(sat_m, block, r))
             rec = {"block": block, "rate": r, "dense_ms": dense_ms, "sat_ms": sat_ms,
                    "kept_ms": kept_ms, "selection_ms": selection_ms,
+                   "selection_gpu_ms": selection_gpu_ms,
                    "speedup": dense_ms / sat_ms, "ideal_speedup": dense_ms / kept_ms,
-                   "sat_vs_kept": kept_ms / sat_ms, "selection_share": selection_ms / sat_ms}
+                   "sat_vs_kept": kept_ms / sat_ms, "selection_share": selection_ms / sat_ms,
+                   "selection_gpu_share": selection_gpu_ms / sat_ms}
             print(json.dumps(rec))
             results.append(rec)
             if r == a.profile_rate:
