@@ -1,0 +1,61 @@
+"""The benchmarks' own bookkeeping: which iterations are timed, the alternating rate, and
+the charging of GPU idle gaps to host ops (``benchmarks/``)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from megatron_sat.config import SATConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_step import timed_iterations  # noqa: E402
+from profile_summary import _enclosing_ops, _idle_by_op  # noqa: E402
+
+
+def test_timed_iterations_skip_warmup_and_the_first_after_each_switch():
+    rates = {i: (0.5 if (i - 1) // 3 % 2 == 0 else 0.0) for i in range(1, 19)}
+    # blocks: 1-3 SAT, 4-6 dense, 7-9 SAT, 10-12 dense, 13-15 SAT, 16-18 dense
+    assert timed_iterations(rates, first=7) == [8, 9, 11, 12, 14, 15, 17, 18]
+
+
+def test_alternating_rate_flips_every_block(monkeypatch):
+    import megatron_sat.block
+    import pretrain_sat
+
+    # importing the launcher patches both modules: restore them after this test
+    for mod in (megatron_sat.block, pretrain_sat):
+        monkeypatch.setattr(mod, "omission_rate_at", mod.omission_rate_at)
+    monkeypatch.delitem(sys.modules, "alternating_rate", raising=False)
+    monkeypatch.setenv("SAT_BENCH_BLOCK", "4")
+    module = importlib.import_module("alternating_rate")
+    monkeypatch.delitem(sys.modules, "alternating_rate")
+    cfg = SATConfig(omission_rate=0.5)
+    got = [module.alternating_rate(cfg, i) for i in range(12)]
+    assert got == [0.5] * 4 + [0.0] * 4 + [0.5] * 4
+    assert module.alternating_rate(SATConfig(omission_rate=0.0), 0) == 0.0
+    assert megatron_sat.block.omission_rate_at is module.alternating_rate
+    assert pretrain_sat.omission_rate_at is module.alternating_rate
+
+
+def test_enclosing_ops_are_nested_outermost_first():
+    ops = [{"name": "outer", "ts": 0, "dur": 100}, {"name": "inner", "ts": 10, "dur": 20},
+           {"name": "next", "ts": 50, "dur": 10}]
+    assert _enclosing_ops(ops, [5, 15, 40, 55, 200]) == [
+        ["outer"], ["outer", "inner"], ["outer"], ["outer", "next"], []]
+
+
+def test_idle_gaps_are_charged_to_the_op_that_launched_the_next_kernel():
+    ops = {1: [{"name": "ProfilerStep#3", "ts": 0, "dur": 1000},
+               {"name": "SubsetMatmul", "ts": 100, "dur": 50},
+               {"name": "aten::mm", "ts": 120, "dur": 5},
+               {"name": "aten::sort", "ts": 300, "dur": 5}]}
+    kernels = [{"ts": 0, "dur": 100, "args": {"correlation": 1}},
+               {"ts": 130, "dur": 10, "args": {"correlation": 2}},   # gap 30 us
+               {"ts": 145, "dur": 5, "args": {"correlation": 3}},    # gap 5 us: ignored
+               {"ts": 400, "dur": 5, "args": {"correlation": 4}}]    # gap 250 us
+    launches = {1: {"tid": 1, "ts": 1}, 2: {"tid": 1, "ts": 121}, 3: {"tid": 1, "ts": 122},
+                4: {"tid": 1, "ts": 301}}
+    assert _idle_by_op(kernels, launches, ops) == {"aten::sort": 0.25, "SubsetMatmul": 0.03}
