@@ -1,7 +1,9 @@
 """``pretrain_sat.py`` with the omission rate alternating between r and 0 (benchmarks only).
 
 Iterations come in blocks of ``SAT_BENCH_BLOCK`` (environment): the first block trains at
-``--sat-omission-rate``, the next dense, and so on. SAT and dense phases then interleave
+``--sat-omission-rate``, the next dense, and so on. ``SAT_BENCH_TRITON=0`` turns off
+megatron-sat's Triton SwiGLU (runtime width) for an A/B comparison: megatron's compiled
+SwiGLU runs instead. SAT and dense phases then interleave
 in one process, so slow drifts of the GPU (clocks, temperature, a neighbour) hit both
 alike. Everything else is ``pretrain_sat.py`` unchanged: the rate is read wherever the
 entry point and the sparse blocks read Eq. 11.
@@ -30,6 +32,10 @@ def alternating_rate(cfg, iteration: int) -> float:
 
 megatron_sat.block.omission_rate_at = alternating_rate
 pretrain_sat.omission_rate_at = alternating_rate
+if os.environ.get("SAT_BENCH_TRITON") == "0":
+    import megatron_sat.swiglu
+
+    megatron_sat.swiglu.install = lambda: None
 
 if __name__ == "__main__":
     pretrain_sat.main()

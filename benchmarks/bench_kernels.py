@@ -7,7 +7,8 @@ with an empty inductor cache, every width of the TinyLlama schedule (r = 0.5 .. 
 ladders) through:
 
 * SwiGLU: megatron-core's fused SwiGLU (halves [gate; up]), one static kernel per width
-  (megatron_fixes fix 3);
+  (megatron_fixes fix 3), against megatron-sat's Triton kernels with a runtime width
+  (:mod:`megatron_sat.swiglu`, installed into megatron's SwiGLU by the torch fusions);
 * RoPE: megatron's RoPE compiled with static shapes (one kernel per head count) against
   megatron-sat's :func:`~megatron_sat.torch_fusions.compiled_rope` (the head count dynamic).
 
@@ -17,7 +18,8 @@ forward + backward, and the largest difference from an fp32 eager reference.
 Weight gradients (``wgrad``): the kept slice's gradient of TinyLlama's fc1 (rows) and fc2
 (columns) at r = 0.5 added into an fp32 ``main_grad``, as a bf16 GEMM then a cast then
 ``index_add_``, against a GEMM with an fp32 result then ``index_add_`` (what
-``SubsetMatmul`` does), next to the dense layer's fp32-accumulating GEMM into ``main_grad``.
+``SubsetMatmul`` does on CUDA), next to the dense layer's fp32-accumulating GEMM into
+``main_grad``.
 
     python benchmarks/bench_kernels.py --out kernels.json
 """
@@ -93,15 +95,20 @@ def swiglu_cases(tokens: int, ffn: int, iters: int) -> list[dict]:
         return torch.nn.functional.silu(g) * u
 
     rows = []
-    for rate in RATES:
-        k = kept_channels(ffn, rate, 64)
-        x = torch.randn(tokens, 2 * k, device="cuda", dtype=torch.bfloat16)
-        first, later, gpu = timed(megatron_halves, lambda t: (t.shape[0], t.shape[1] // 2),
-                                  x, iters)
-        rows.append({"kernel": "swiglu", "variant": "megatron static [gate; up]",
-                     "rate": rate, "width": k, "first_call_s": first,
-                     "median_ms": statistics.median(later), "gpu_ms": gpu,
-                     "max_error": error(megatron_halves, halves_ref, x[:4096])})
+    for variant in ("megatron static [gate; up]", "triton runtime width"):
+        if variant.startswith("triton"):
+            from megatron_sat import swiglu
+
+            swiglu.install()  # megatron's SwiGLUFunction now calls the Triton kernels
+        for rate in RATES:
+            k = kept_channels(ffn, rate, 64)
+            x = torch.randn(tokens, 2 * k, device="cuda", dtype=torch.bfloat16)
+            first, later, gpu = timed(megatron_halves,
+                                      lambda t: (t.shape[0], t.shape[1] // 2), x, iters)
+            rows.append({"kernel": "swiglu", "variant": variant, "rate": rate, "width": k,
+                         "first_call_s": first, "median_ms": statistics.median(later),
+                         "gpu_ms": gpu,
+                         "max_error": error(megatron_halves, halves_ref, x[:4096])})
     return rows
 
 

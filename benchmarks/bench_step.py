@@ -129,7 +129,8 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
                 "--profile-step-end", str(start + a.profile_steps)]
         profiled = set(range(start - 2, start + a.profile_steps + 3))
     t0 = time.time()
-    env = {**bench_env(), "SAT_BENCH_BLOCK": str(a.block)}
+    env = {**bench_env(), "SAT_BENCH_BLOCK": str(a.block),
+           "SAT_BENCH_TRITON": "0" if a.no_triton else "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     log = proc.stdout + proc.stderr
     (log_dir / "pretrain.log").write_text(log)
@@ -159,7 +160,8 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
         sat["dense_equivalent_tflops_per_s"] = dense_flops / (sat["median_ms"] / 1e3) / 1e12
     result = {"case": a.name, "shape": a.shape, **s, "micro_batch_size": a.micro_batch_size,
               "global_batch_size": a.global_batch_size, "flags": a.flags,
-              "extra": a.extra, "returncode": proc.returncode, "phases": phases,
+              "extra": a.extra, "triton_kernels": not a.no_triton,
+              "returncode": proc.returncode, "phases": phases,
               "speedup": dense["median_ms"] / sat["median_ms"] if sat and dense else None,
               "ideal_speedup": dense_flops / step_flops(shape, tokens, a.rate,
                                                         gqa_mode=a.gqa_mode),
@@ -191,6 +193,8 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=4,
                    help="SAT + dense block pairs; the first is not timed (default 4)")
     p.add_argument("--flags", choices=FLAG_SETS, default="tuned")
+    p.add_argument("--no-triton", action="store_true",
+                   help="without megatron-sat's Triton SwiGLU (A/B; alternating_rate.py)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--profile-start", type=int, default=None,
                    help="first profiled iteration (default: the second cycle's last two "

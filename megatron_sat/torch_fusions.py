@@ -1,8 +1,9 @@
 """Torch stand-ins for the fused kernels megatron-core takes from Transformer Engine or Apex.
 
 Without TE or Apex, megatron-core 0.19.2 runs plain-torch fallbacks in four places of
-every training step. They cost dense and SAT steps alike, but SAT more in proportion,
-because none of them shrinks with the omission rate. :func:`apply` replaces them
+every training step, and a fifth kernel recompiles whenever SAT's width changes. The
+fallbacks cost dense and SAT steps alike, but SAT more in proportion, because none of them
+shrinks with the omission rate. :func:`apply` replaces them
 (docs/performance.md has the measurements):
 
 1. **RoPE** (``--no-rope-fusion``): ``rope_utils._apply_rotary_pos_emb_bshd`` is eager
@@ -28,6 +29,10 @@ because none of them shrinks with the omission rate. :func:`apply` replaces them
    fp32 into ``main_grad``), so the flag works without Apex. On CPU, which has no such
    GEMM, it computes the product and adds it.
 
+5. **SwiGLU with a runtime width** (:mod:`megatron_sat.swiglu`, CUDA with Triton): the
+   kept MLP width changes at every LORS ladder, and megatron's compiled SwiGLU then
+   compiles again (1-2 s a ladder); the Triton kernels take the width as an argument.
+
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
 """
@@ -35,6 +40,7 @@ Nothing is replaced where TE or Apex provide the real kernel.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import types
 
 import torch
@@ -70,6 +76,11 @@ def apply() -> list[str]:
         tp_layers._grad_accum_fusion_available = True
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        from megatron_sat import swiglu
+
+        swiglu.install()
+        installed.append("width-generic SwiGLU")
     return installed
 
 

@@ -22,7 +22,7 @@ from megatron.training.arguments import add_megatron_arguments
 from megatron.training.training import num_floating_point_operations
 
 from megatron_sat.arguments import add_sat_arguments
-from megatron_sat.attention import SATSelfAttention
+from megatron_sat.attention import HeadLayout, SATSelfAttention
 from megatron_sat.block import SparseBlock
 from megatron_sat.config import SATConfig
 from megatron_sat.flops import (KeptWidth, ModelShape, forward_flops_per_token, ideal_speedup,
@@ -96,8 +96,10 @@ def test_kept_heads_match_the_sat_attention(shape, mode, tp, rate, expected):
     """The counts SATSelfAttention.choose_heads keeps on one rank, times TP."""
     groups_local = shape.num_query_groups // tp
     q_per_group = shape.num_attention_heads // shape.num_query_groups
+    layout = HeadLayout(groups_local, q_per_group, shape.kv_channels, torch.device("cpu"))
     fake = SimpleNamespace(sat=SparseBlock(SATConfig(omission_rate=rate, gqa_mode=mode,
-                                                     selection="topk"), 1, tp_group=None))
+                                                     selection="topk"), 1, tp_group=None),
+                           head_layout=lambda device: layout)
     selection = SATSelfAttention.choose_heads(fake, torch.randn(groups_local, q_per_group),
                                               rate, torch.Generator().manual_seed(0))
     kept = kept_width(with_tp(shape, tp), rate, gqa_mode=mode)

@@ -3,8 +3,8 @@
 ``SubsetMatmul``: forward, input gradient and the kept slice's weight gradient, added into
 an fp32 ``main_grad`` (megatron DDP) or returned as a dense ``.grad``, against autograd of
 the dense slice. The ``cuda`` tests run on a GPU only (``benchmarks/run_h100.sh OUT
-check``): the fp32-result weight-gradient GEMM, and the compiled Gumbel-top-k keys against
-the eager ones.
+check``): the weight gradient through the fp32-result GEMM, for rows and columns, and the
+compiled Gumbel-top-k keys against the eager ones.
 """
 
 from __future__ import annotations
@@ -48,19 +48,26 @@ def test_subset_matmul_matches_autograd_of_the_dense_slice(dim, with_main_grad):
 
 
 @cuda
-def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32():
+@pytest.mark.parametrize("dim", [0, 1])
+def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim):
     torch.manual_seed(0)
-    x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    index = torch.randperm(512 if dim == 0 else 256, device="cuda")[:200].sort().values
+    x = torch.randn(4096, 256 if dim == 0 else 200, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight.main_grad = torch.zeros(512, 256, device="cuda", dtype=torch.float32)
-    index = torch.arange(0, 512, 2, device="cuda")
-    y = SubsetMatmul.apply(x, weight, index, 0)
+    weight.main_grad = torch.randn(512, 256, device="cuda", dtype=torch.float32)
+    before = weight.main_grad.double()
+    y = SubsetMatmul.apply(x, weight, index, dim)
     g = torch.randn_like(y)
     y.backward(g)
-    want = torch.zeros(512, 256, dtype=torch.float64, device="cuda")
-    want[index] = g.double().t() @ x.double()
+    want = before.clone()
+    if dim == 0:
+        want[index] += g.double().t() @ x.double()
+    else:
+        want[:, index] += g.double().t() @ x.double()
     err = (weight.main_grad.double() - want).abs().max().item()
     bf16_err = (want.to(torch.bfloat16).double() - want).abs().max().item()
+    assert torch.equal(weight.main_grad[~_kept_mask(index, 512 if dim == 0 else 256, dim)],
+                       before[~_kept_mask(index, 512 if dim == 0 else 256, dim)].float())
     assert err < bf16_err / 8, (err, bf16_err)  # fp32 accumulation, never rounded to bf16
 
 
@@ -73,3 +80,10 @@ def test_cuda_compiled_sampling_keys_equal_the_eager_ones():
     for scale in ("standard", "minmax", "raw"):
         torch.testing.assert_close(_compiled_sampling_keys(scores, noise, 0.5, scale),
                                    sampling_keys(scores, noise, 0.5, scale))
+
+
+def _kept_mask(index, n, dim):
+    """Boolean mask of main_grad [512, 256] entries in the kept rows (dim 0) or columns."""
+    kept = torch.zeros(n, dtype=torch.bool, device=index.device)
+    kept[index] = True
+    return kept[:, None].expand(512, 256) if dim == 0 else kept[None, :].expand(512, 256)

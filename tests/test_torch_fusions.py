@@ -4,6 +4,10 @@ plain torch reference, and pretrain_sat.py with the fusions against without them
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from megatron.core.models.common.embeddings import rope_utils
 
 from _launch import MOCK_DATA, TINY_GPT, TRAINING, pretrain, run_script
 from megatron_sat import torch_fusions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny GPT with megatron's default gradient-accumulation fusion (served by the stand-in).
 TINY_GPT_FUSED_WGRAD = [f for f in TINY_GPT if f != "--no-gradient-accumulation-fusion"]
@@ -210,3 +216,61 @@ def test_cuda_rope_compiles_once_for_every_head_count():
                         requires_grad=True)
         compiled(t, freqs).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+_SWIGLU_CHECK = r"""
+import torch
+from megatron_sat import swiglu
+torch.manual_seed(0)
+for width in (48, 80):  # two widths; fp32 (the interpreter emulates bf16 loosely)
+    x = torch.randn(6, 2 * width)
+    grad = torch.randn(6, width)
+    ref = x.clone().requires_grad_()
+    gate, up = ref.chunk(2, -1)
+    want = torch.nn.functional.silu(gate) * up
+    want.backward(grad)
+    out, dx = swiglu.swiglu(x), swiglu.swiglu_back(grad, x)
+    assert out.shape == (6, width) and dx.shape == x.shape
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dx, ref.grad)
+print("ok")
+"""
+
+
+def test_triton_swiglu_kernels_in_the_interpreter_equal_silu_gate_times_up():
+    """The Triton kernels' indexing and arithmetic, on CPU in Triton's interpreter
+    (TRITON_INTERPRET=1, read when the kernels are defined, hence a fresh process)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _SWIGLU_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@cuda
+def test_cuda_triton_swiglu_replaces_megatrons_and_compiles_once():
+    import megatron.core.fusions.fused_bias_swiglu as fused
+
+    from megatron_sat import swiglu
+
+    original = fused.swiglu, fused.swiglu_back
+    try:
+        swiglu.install()
+        for width in (2816, 3328, 3904):  # LORS widths at TinyLlama's ffn
+            x = torch.randn(512, 2 * width, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True)
+            out = fused.bias_swiglu_impl(x, None)
+            grad = torch.randn_like(out)
+            out.backward(grad)
+            ref = x.detach().float().requires_grad_()
+            gate, up = ref.chunk(2, -1)
+            want = torch.nn.functional.silu(gate) * up
+            want.backward(grad.float())
+            torch.testing.assert_close(out.float(), want, rtol=2 ** -8, atol=1e-5)
+            torch.testing.assert_close(x.grad.float(), ref.grad, rtol=2 ** -8, atol=1e-5)
+        cpu = torch.randn(4, 16)
+        torch.testing.assert_close(fused.swiglu(cpu), original[0](cpu))  # falls back
+        compiled = [len(c[0]) for c in swiglu._swiglu_forward.device_caches.values()]
+        assert compiled == [1], compiled  # one compilation for the three widths
+    finally:
+        fused.swiglu, fused.swiglu_back = original
