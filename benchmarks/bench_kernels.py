@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_"))
 
 import torch  # noqa: E402
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from megatron_sat import megatron_fixes  # noqa: E402
 from megatron_sat.config import kept_channels, kept_count  # noqa: E402
 from megatron_sat.torch_fusions import compiled_rope  # noqa: E402
+from profile_summary import gpu_ms  # noqa: E402
 
 RATES = (0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
@@ -65,12 +66,7 @@ def timed(fn, grad_shape_of, x: torch.Tensor, iters: int) -> tuple[float, list[f
         call()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            call()
-        torch.cuda.synchronize()
-    gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return times[0], [t * 1e3 for t in times[1:]], gpu_us / iters / 1e3
+    return times[0], [t * 1e3 for t in times[1:]], gpu_ms(call, iters)
 
 
 def error(fn, ref_fn, x: torch.Tensor) -> dict:

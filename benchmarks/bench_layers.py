@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
+
+from profile_summary import gpu_ms  # noqa: E402
 
 SHAPE = dict(hidden=2048, heads=32, groups=4, ffn=5632, seq=2048, batch=4)  # TinyLlama
 
@@ -134,17 +136,6 @@ def timed(step, iters=20, warmup=5):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
-
-
-def gpu_ms(step, iters=20):
-    """GPU kernel time of one ``step`` (torch profiler): its cost when the host runs ahead."""
-    from torch.profiler import ProfilerActivity, profile
-    step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
 
 
 def synchronizing_calls(step) -> list[str]:

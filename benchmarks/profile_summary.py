@@ -154,6 +154,20 @@ def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) 
     return {"trace": str(path), "steps": out}
 
 
+def gpu_ms(step, iters: int = 20) -> float:
+    """GPU kernel time of one ``step()`` in ms, from the torch profiler (after one warm-up
+    call): what the step costs when the host runs ahead of the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", type=Path)

@@ -43,8 +43,8 @@ class HeadLayout:
         rows = rows.view(groups, q_per_group + 2, head_dim)
         self.q_rows = rows[:, :q_per_group]  # [G, q_per_group, head_dim]
         self.kv_rows = rows[:, q_per_group:].reshape(groups, 2 * head_dim)
-        self.proj_columns = torch.arange(groups * q_per_group * head_dim, device=device)
-        self.proj_columns = self.proj_columns.view(groups, q_per_group, head_dim)
+        self.proj_columns = torch.arange(groups * q_per_group * head_dim,
+                                         device=device).view(groups, q_per_group, head_dim)
         self.all_groups = torch.arange(groups, device=device)
         self.all_queries = torch.arange(q_per_group, device=device)
 

@@ -17,6 +17,8 @@ non-contiguous) go to megatron's own functions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -74,13 +76,12 @@ def swiglu_back(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _with_fallback(kernel_fn, megatron_fn):
+    @functools.wraps(kernel_fn)
     def fn(*tensors):
         if all(t.is_cuda and t.is_contiguous() for t in tensors):
             return kernel_fn(*tensors)
         return megatron_fn(*tensors)
 
-    fn.__name__ = kernel_fn.__name__
-    fn.__doc__ = kernel_fn.__doc__
     return fn
 
 
