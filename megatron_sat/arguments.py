@@ -76,9 +76,9 @@ def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "(megatron_sat/torch_fusions.py)").add_argument(
         "--no-sat-torch-fusions", dest="sat_torch_fusions", action="store_false",
         help="Keep megatron-core's plain-torch fallbacks for RoPE, Adam, the gradient norm "
-             "and gradient-accumulation fusion instead of megatron-sat's fused stand-ins "
-             "(for A/B benchmarks). Without Apex it then needs "
-             "--no-gradient-accumulation-fusion.")
+             "and gradient-accumulation fusion, and its compiled SwiGLU, instead of "
+             "megatron-sat's fused stand-ins and Triton SwiGLU (for A/B benchmarks). Without "
+             "Apex it then needs --no-gradient-accumulation-fusion.")
     return parser
 
 
