@@ -4,7 +4,8 @@ One GPU, bf16, forward + backward including selection, with megatron-style ``mai
 buffers attached (as under megatron's DDP). For each block and rate it reports the time of
 
 * ``dense``: the stock layer (SAT at r = 0 runs megatron-core's own code),
-* ``sat``: the SAT layer at rate r,
+* ``sat``: the SAT layer at rate r, with the Triton selection kernels (``*_torch_selection``:
+  the same with ``--sat-selection-kernel torch``, side by side),
 * ``kept``: a dense layer whose width is the kept width (the ideal for SAT),
 
 the time of selection alone (scores + sampling, run back to back: ``selection_ms``, which
@@ -33,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).par
 from profile_summary import gpu_ms  # noqa: E402
 
 SHAPE = dict(hidden=2048, heads=32, groups=4, ffn=5632, seq=2048, batch=4)  # TinyLlama
+KERNELS = ("auto", "torch")  # --sat-selection-kernel: Triton selection, torch selection
 
 
 def setup():
@@ -57,7 +59,7 @@ def config(heads, groups, ffn):
         gradient_accumulation_fusion=False)
 
 
-def build(block, rate, heads=None, groups=None, ffn=None):
+def build(block, rate, heads=None, groups=None, ffn=None, kernel="auto", selection="sampling"):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.attention import SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -68,7 +70,8 @@ def build(block, rate, heads=None, groups=None, ffn=None):
     from megatron_sat.mlp import SATMLP
     from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear
     cfg = config(heads or SHAPE["heads"], groups or SHAPE["groups"], ffn or SHAPE["ffn"])
-    sat = SATConfig(omission_rate=rate, metric="maxip", selection="sampling")
+    sat = SATConfig(omission_rate=rate, metric="maxip", selection=selection,
+                    selection_kernel=kernel)
     pg = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
     if block == "mlp":
         m = SATMLP.as_mlp_submodule(
@@ -108,20 +111,16 @@ def step_fn(m, block):
 
 def selection_fn(m, block, rate):
     """Selection alone, as the SAT layer runs it: the Eq. 5 statistic and scores, then
-    (Gumbel-)top-k, and for attention the kept QKV rows and output-projection columns."""
+    (Gumbel-)top-k, and the kept rows and columns of the layers."""
     x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
                     dtype=torch.bfloat16)
-    gen = torch.Generator(device="cuda")
 
     @torch.no_grad()
     def step():
-        gen.manual_seed(0)
         if block == "mlp":
-            s = m.channel_scores(x)
-            m.sat.pick(s, m.kept(s.numel(), rate), gen)
+            m.sat.pick(m.channel_scores(x), m.kept(m.ffn_local, rate), 0, m.ffn_local)
         else:
-            sel = m.choose_heads(m.head_scores(x), rate, gen)
-            sel.qkv_rows(), sel.proj_columns()
+            m.choose_heads(m.row_scores(x), rate, 0)
     return step
 
 
@@ -180,28 +179,32 @@ def main():
     for block in ("mlp", "attention"):
         dense_ms = timed(step_fn(build(block, 0.0), block))
         for r in a.rates:
-            sat_m = build(block, r)
-            sat_ms = timed(step_fn(sat_m, block))
+            sat_m = {kernel: build(block, r, kernel=kernel) for kernel in KERNELS}
+            sat_ms = {kernel: timed(step_fn(m, block)) for kernel, m in sat_m.items()}
             if block == "mlp":
                 kept = build(block, 0.0, ffn=SHAPE["ffn"] - int(SHAPE["ffn"] * r))
             else:
                 qpg = SHAPE["heads"] // SHAPE["groups"]
                 kept = build(block, 0.0, heads=SHAPE["groups"] * (qpg - int(qpg * r)))
             kept_ms = timed(step_fn(kept, block))
-            selection_ms = timed(selection_fn(sat_m, block, r))
-            selection_gpu_ms = gpu_ms(selection_fn(sat_m, block, r))
-            rec = {"block": block, "rate": r, "dense_ms": dense_ms, "sat_ms": sat_ms,
-                   "kept_ms": kept_ms, "selection_ms": selection_ms,
-                   "selection_gpu_ms": selection_gpu_ms,
-                   "speedup": dense_ms / sat_ms, "ideal_speedup": dense_ms / kept_ms,
-                   "sat_vs_kept": kept_ms / sat_ms, "selection_share": selection_ms / sat_ms,
-                   "selection_gpu_share": selection_gpu_ms / sat_ms}
+            rec = {"block": block, "rate": r, "dense_ms": dense_ms, "kept_ms": kept_ms}
+            for kernel, m in sat_m.items():
+                tag = "" if kernel == "auto" else "_torch_selection"
+                sel_ms = timed(selection_fn(m, block, r))
+                sel_gpu_ms = gpu_ms(selection_fn(m, block, r))
+                rec.update({f"sat_ms{tag}": sat_ms[kernel], f"selection_ms{tag}": sel_ms,
+                            f"selection_gpu_ms{tag}": sel_gpu_ms,
+                            f"speedup{tag}": dense_ms / sat_ms[kernel],
+                            f"sat_vs_kept{tag}": kept_ms / sat_ms[kernel],
+                            f"selection_share{tag}": sel_ms / sat_ms[kernel],
+                            f"selection_gpu_share{tag}": sel_gpu_ms / sat_ms[kernel]})
+            rec["ideal_speedup"] = dense_ms / kept_ms
             print(json.dumps(rec))
             results.append(rec)
             if r == a.profile_rate:
-                rec["synchronizing_calls"] = synchronizing_calls(step_fn(sat_m, block))
+                rec["synchronizing_calls"] = synchronizing_calls(step_fn(sat_m["auto"], block))
             if r == a.profile_rate and not a.no_profile:
-                tables[block] = profile_table(step_fn(sat_m, block))
+                tables[block] = profile_table(step_fn(sat_m["auto"], block))
                 print(tables[block])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"shape": SHAPE, "results": results, "profiles": tables},

@@ -12,7 +12,8 @@ import argparse
 import os
 
 from megatron_sat.config import (CHANNEL_MULTIPLE, DP_SELECTIONS, GQA_MODES, METRICS,
-                                 MODULES, SCORE_SCALES, SELECTIONS, SATConfig)
+                                 MODULES, SCORE_SCALES, SELECTION_KERNELS, SELECTIONS,
+                                 SATConfig)
 
 
 def _number(text: str) -> float:
@@ -70,6 +71,11 @@ def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="Round the MLP channels kept per tensor-parallel rank down to a "
                         f"multiple of M (default: {CHANNEL_MULTIPLE}; tensor-core-friendly GEMM "
                         "widths); a count below M stays exact. 1 keeps floor(n (1 - r)).")
+    g.add_argument("--sat-selection-kernel", choices=SELECTION_KERNELS, default="auto",
+                   help="'auto' (default): on a GPU with Triton installed, each block's "
+                        "selection runs as one Triton kernel (megatron_sat/fused_selection.py); "
+                        "'torch': torch operations everywhere. Both draw from the same "
+                        "distribution with different noise streams.")
     _add_throughput_arguments(parser)
     parser.add_argument_group(
         "Torch fusions", "Stand-ins for Transformer Engine / Apex kernels "
@@ -120,4 +126,5 @@ def sat_config_from_args(args: argparse.Namespace) -> SATConfig:
         modules=tuple(dict.fromkeys(args.sat_modules)),
         seed=args.seed,
         channel_multiple=args.sat_channel_multiple,
+        selection_kernel=args.sat_selection_kernel,
     ).validate()

@@ -23,14 +23,16 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
-from megatron_sat.block import SparseBlock
+from megatron_sat.block import SparseBlock, fused_selection
 from megatron_sat.config import SATConfig, kept_count
 from megatron_sat.importance import head_scores, input_statistic, neuron_scores
+from megatron_sat.selection import select
 from megatron_sat.sparse_linear import keep
 
 
 class HeadLayout:
-    """Where a rank's heads live: index tables built once per module and device.
+    """Where a rank's heads live: index tables built once per module and device (the
+    torch path; the Triton kernel computes the same lists directly).
 
     megatron-core lays out the local ``linear_qkv`` rows per kv group: the group's query
     heads, then its key head, then its value head, ``head_dim`` rows each; the local
@@ -48,21 +50,31 @@ class HeadLayout:
         self.all_groups = torch.arange(groups, device=device)
         self.all_queries = torch.arange(q_per_group, device=device)
 
+    def index_lists(self, groups: torch.Tensor,
+                    queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``linear_qkv`` rows, ``linear_proj`` columns) of kept kv groups [G'] and the
+        kept query heads inside each [G', kq]: per kept group its kept Q heads, then its
+        K and V; the projection columns in the same head order."""
+        q = self.q_rows[groups[:, None], queries]
+        qkv = torch.cat([q.flatten(1), self.kv_rows[groups]], dim=1).reshape(-1)
+        return qkv, self.proj_columns[groups[:, None], queries].reshape(-1)
+
 
 class HeadSelection:
-    """Kept kv groups [G] and, inside each, the kept query heads [G, kq] (local indices)."""
+    """The kept heads of one attention block on this rank, as the layers' index lists.
 
-    def __init__(self, groups: torch.Tensor, queries: torch.Tensor, layout: HeadLayout):
-        self.groups, self.queries, self.layout = groups, queries, layout
+    ``groups`` kv groups are computed, each with ``queries`` of its query heads.
+    """
 
-    def qkv_rows(self) -> torch.Tensor:
-        """Local ``linear_qkv`` rows: per kept group its kept Q heads, then its K and V."""
-        q = self.layout.q_rows[self.groups[:, None], self.queries]
-        return torch.cat([q.flatten(1), self.layout.kv_rows[self.groups]], dim=1).reshape(-1)
+    def __init__(self, qkv_rows: torch.Tensor, proj_columns: torch.Tensor, groups: int,
+                 queries: int, head_dim: int):
+        self.qkv_rows, self.proj_columns = qkv_rows, proj_columns
+        self.groups, self.queries, self.head_dim = groups, queries, head_dim
 
-    def proj_columns(self) -> torch.Tensor:
-        """Local ``linear_proj`` columns of the kept query heads, in the same head order."""
-        return self.layout.proj_columns[self.groups[:, None], self.queries].reshape(-1)
+    def heads(self) -> torch.Tensor:
+        """Local indices of the kept query heads, [groups, queries]."""
+        first_columns = self.proj_columns[:: self.head_dim]
+        return (first_columns // self.head_dim).view(self.groups, self.queries)
 
 
 class SATSelfAttention(SelfAttention):
@@ -89,23 +101,21 @@ class SATSelfAttention(SelfAttention):
         rate = self.sat.rate(self.training)
         if rate == 0.0:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        sel = self.sat.draw(lambda: self.head_scores(hidden_states),
-                            lambda s, g: self.choose_heads(s, rate, g), hidden_states.device)
-        with keep((self.linear_qkv, sel.qkv_rows()), (self.linear_proj, sel.proj_columns())):
-            self._layout = tuple(sel.queries.shape)  # (kept groups, kept queries per group)
+        sel = self.sat.draw(lambda: self.row_scores(hidden_states),
+                            lambda s, seed: self.choose_heads(s, rate, seed))
+        with keep((self.linear_qkv, sel.qkv_rows), (self.linear_proj, sel.proj_columns)):
+            self._layout = (sel.groups, sel.queries)
             try:
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)
             finally:
                 self._layout = None
 
-    def head_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Eq. 5-7: [groups_local, q_per_group] scores of the local query heads."""
+    def row_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Eq. 5 score of every local ``linear_qkv`` row (Eq. 6-7 are in ``choose_heads``)."""
         metric = self.sat.cfg.metric
         sp_group = self.tp_group if self.config.sequence_parallel else None
         stat = input_statistic(metric, hidden_states, sp_group)
-        rows = neuron_scores(metric, self.linear_qkv.weight, stat)
-        return head_scores(rows, self.num_query_groups_per_partition, self.q_per_group,
-                           self.hidden_size_per_attention_head)
+        return neuron_scores(metric, self.linear_qkv.weight, stat)
 
     def head_layout(self, device: torch.device) -> HeadLayout:
         if self._heads is None or self._heads.all_groups.device != device:
@@ -113,15 +123,25 @@ class SATSelfAttention(SelfAttention):
                                      self.hidden_size_per_attention_head, device)
         return self._heads
 
-    def choose_heads(self, scores: torch.Tensor, rate: float,
-                     gen: torch.Generator) -> HeadSelection:
-        groups, qpg = scores.shape
-        layout = self.head_layout(scores.device)
-        if qpg > 1 and self.sat.cfg.gqa_mode == "heads":
-            queries = self.sat.pick(scores, kept_count(qpg, rate), gen)
-            return HeadSelection(layout.all_groups, queries, layout)
-        kept = self.sat.pick(scores.mean(dim=1), kept_count(groups, rate), gen)
-        return HeadSelection(kept, layout.all_queries.expand(kept.numel(), qpg), layout)
+    def choose_heads(self, row_scores: torch.Tensor, rate: float, seed: int) -> HeadSelection:
+        """Eq. 6-8: the kept heads from the QKV row scores, in ``--sat-gqa-mode``."""
+        groups, qpg = self.num_query_groups_per_partition, self.q_per_group
+        head_dim = self.hidden_size_per_attention_head
+        by_groups = qpg == 1 or self.sat.cfg.gqa_mode == "groups"
+        k = kept_count(groups if by_groups else qpg, rate)
+        how = (self.sat.method, self.sat.cfg.temperature, self.sat.cfg.score_scale, seed)
+        if self.sat.fused(row_scores, groups, qpg + 2, head_dim):
+            qkv, proj = fused_selection.select_heads(row_scores, groups, qpg, head_dim, k,
+                                                     by_groups, *how)
+        else:
+            layout = self.head_layout(row_scores.device)
+            scores = head_scores(row_scores, groups, qpg, head_dim)
+            if by_groups:
+                kept = select(scores.mean(dim=1), k, *how)
+                qkv, proj = layout.index_lists(kept, layout.all_queries.expand(k, qpg))
+            else:
+                qkv, proj = layout.index_lists(layout.all_groups, select(scores, k, *how))
+        return HeadSelection(qkv, proj, *((k, qpg) if by_groups else (groups, k)), head_dim)
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate=False, split_qkv=True):

@@ -10,6 +10,9 @@ data-parallel group more neurons receive gradient each step. With ``shared`` the
 are averaged over the data-parallel group (one all-reduce of a few thousand floats per
 block) and the noise is the same on every data-parallel rank, so all ranks train one
 sub-network.
+
+Selection runs as one Triton kernel per block on a GPU (:mod:`megatron_sat.fused_selection`)
+and as torch operations otherwise, or everywhere with ``--sat-selection-kernel torch``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from megatron_sat.config import SATConfig
 from megatron_sat.runtime import SelectionState, get_iteration
 from megatron_sat.schedule import omission_rate_at
 from megatron_sat.selection import select
+
+try:
+    from megatron_sat import fused_selection
+except ImportError:  # Triton is not installed: the torch path everywhere
+    fused_selection = None
 
 
 class SparseBlock:
@@ -44,27 +52,34 @@ class SparseBlock:
         """The omission rate for this forward; 0 means run dense."""
         return omission_rate_at(self.cfg, get_iteration()) if training else 0.0
 
-    def pick(self, scores: torch.Tensor, n_keep: int, gen: torch.Generator) -> torch.Tensor:
-        """Top-k or Gumbel-top-k over the last dim of ``scores``."""
-        return select(scores, n_keep, self.method, self.cfg.temperature, self.cfg.score_scale,
-                      gen)
+    def fused(self, scores: torch.Tensor, *dims: int) -> bool:
+        """Whether selection on ``scores`` (laid out as ``dims``) runs the Triton kernels."""
+        return (self.cfg.selection_kernel == "auto" and fused_selection is not None
+                and fused_selection.supports(scores, *dims))
+
+    def pick(self, scores: torch.Tensor, n_keep: int, seed: int,
+             shift: int | None = None) -> torch.Tensor:
+        """Top-k or Gumbel-top-k over the last dim of ``scores`` (see ``selection.select``)."""
+        fn = fused_selection.select if self.fused(scores, *scores.shape) else select
+        return fn(scores, n_keep, self.method, self.cfg.temperature, self.cfg.score_scale,
+                  seed, shift)
 
     def draw(self, scores_fn: Callable[[], torch.Tensor],
-             choose: Callable[[torch.Tensor, torch.Generator], object],
-             device: torch.device) -> object:
-        """This micro-batch's selection: ``choose(scores_fn(), generator)``, drawn once."""
+             choose: Callable[[torch.Tensor, int], object]) -> object:
+        """This micro-batch's selection: ``choose(scores_fn(), seed)``, drawn once."""
         shared = self.cfg.dp_selection == "shared"
 
-        def fresh(gen):
+        def fresh(seed):
             scores = scores_fn()
             if shared and _dp_size() > 1:
+                scores = scores.float()
                 dist.all_reduce(scores, group=parallel_state.get_data_parallel_group())
                 scores /= _dp_size()
-            return choose(scores, gen)
+            return choose(scores, seed)
 
         tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
         dp_rank = 0 if shared else _dp_rank()
-        return self.state.indices(fresh, device, (tp_rank, dp_rank))
+        return self.state.indices(fresh, (tp_rank, dp_rank))
 
 
 def _dp_size() -> int:

@@ -17,6 +17,7 @@ SCORE_SCALES = ("standard", "minmax", "raw")
 GQA_MODES = ("heads", "groups")
 DP_SELECTIONS = ("local", "shared")
 MODULES = ("mlp", "attention")
+SELECTION_KERNELS = ("auto", "torch")
 
 # Guards floor(n * (1 - r)) against binary rounding of r (e.g. 0.7 * 10 = 6.999...).
 _KEEP_EPS = 1e-9
@@ -68,6 +69,8 @@ class SATConfig:
         seed: base seed of the selection noise.
         channel_multiple: kept MLP channels per rank are rounded down to a multiple of
             this (see :func:`kept_channels`); 1 keeps exactly floor(n (1 - r)).
+        selection_kernel: ``auto``: Triton selection kernels on a GPU when Triton is
+            installed (``fused_selection``); ``torch``: torch operations everywhere.
     """
 
     omission_rate: float = 0.0
@@ -83,6 +86,7 @@ class SATConfig:
     modules: tuple[str, ...] = field(default=MODULES)
     seed: int = 1234
     channel_multiple: int = CHANNEL_MULTIPLE
+    selection_kernel: str = "auto"
 
     @property
     def enabled(self) -> bool:
@@ -100,6 +104,7 @@ class SATConfig:
         _check_choice("--sat-score-scale", self.score_scale, SCORE_SCALES)
         _check_choice("--sat-gqa-mode", self.gqa_mode, GQA_MODES)
         _check_choice("--sat-dp-selection", self.dp_selection, DP_SELECTIONS)
+        _check_choice("--sat-selection-kernel", self.selection_kernel, SELECTION_KERNELS)
         for m in self.modules:
             _check_choice("--sat-modules", m, MODULES)
         if not self.modules:

@@ -33,23 +33,25 @@ def input_statistic(metric: str, z: torch.Tensor, sp_group=None) -> torch.Tensor
     if metric not in ("wanda", "maxip"):
         return None
     z = z.detach().reshape(-1, z.shape[-1])
-    tokens = z.shape[0]
+    ranks = dist.get_world_size(sp_group) if sp_group is not None else 1
     if metric == "maxip":
-        stat = torch.sum(z, dim=0, dtype=torch.float32)
+        stat = torch.mean(z, dim=0, dtype=torch.float32)  # equal shards: mean of means
     else:
         stat = torch.linalg.vector_norm(z, dim=0, dtype=torch.float32).square_()
-    if sp_group is not None and dist.get_world_size(sp_group) > 1:
+    if ranks > 1:
         dist.all_reduce(stat, group=sp_group)
-        tokens *= dist.get_world_size(sp_group)
-    return stat.div_(tokens) if metric == "maxip" else stat.sqrt_()
+    if metric == "maxip":
+        return stat.div_(ranks) if ranks > 1 else stat
+    return stat.sqrt_()
 
 
 def neuron_scores(metric: str, weight: torch.Tensor, stat: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 5 for every row of ``weight`` [n, d]; returns scores [n] as fp32.
+    """Eq. 5 for every row of ``weight`` [n, d]; returns scores [n].
 
     The weight-times-statistic product runs in the weight's dtype (bf16 in mixed
-    precision) to avoid an fp32 copy of the weight every step; scores then carry bf16
-    precision (about 3 significant digits), which only reorders near-ties.
+    precision) to avoid an fp32 copy of the weight every step, and its scores stay in that
+    dtype (the selection reads them as fp32): they carry bf16 precision (about 3
+    significant digits), which only reorders near-ties.
     """
     if metric == "uniform":
         return torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
@@ -57,9 +59,9 @@ def neuron_scores(metric: str, weight: torch.Tensor, stat: torch.Tensor | None) 
     if metric == "magnitude":
         return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)
     if metric == "wanda":
-        return torch.mv(w.abs(), stat.to(w.dtype)).float()
+        return torch.mv(w.abs(), stat.to(w.dtype))
     if metric == "maxip":
-        return torch.mv(w, stat.to(w.dtype)).float()
+        return torch.mv(w, stat.to(w.dtype))
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
 
@@ -72,6 +74,6 @@ def head_scores(row_scores: torch.Tensor, groups: int, heads_per_group: int,
     of its Q, K and V head scores, each the mean over the head's ``head_dim`` rows; query
     heads of one group share the group's K and V scores.
     """
-    per_head = row_scores.view(groups, heads_per_group + 2, head_dim).mean(dim=2)
+    per_head = row_scores.float().view(groups, heads_per_group + 2, head_dim).mean(dim=2)
     q, k, v = per_head[:, :heads_per_group], per_head[:, -2:-1], per_head[:, -1:]
     return (q + k + v) / 3.0

@@ -50,13 +50,11 @@ class SATMLP(MLP):
         rate = self.sat.rate(self.training)
         if rate == 0.0 or per_token_scale is not None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
-        channels = self.sat.draw(lambda: self.channel_scores(hidden_states),
-                                 lambda s, g: self.sat.pick(s, self.kept(s.numel(), rate), g),
-                                 hidden_states.device)
-        fc1_rows = channels
-        if self.config.gated_linear_unit:
-            fc1_rows = torch.cat([channels, channels + self.ffn_local])
-        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, channels)):
+        k = self.kept(self.ffn_local, rate)
+        shift = self.ffn_local if self.config.gated_linear_unit else None
+        fc1_rows = self.sat.draw(lambda: self.channel_scores(hidden_states),
+                                 lambda s, seed: self.sat.pick(s, k, seed, shift))
+        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, fc1_rows[:k])):
             return super().forward(hidden_states, **kwargs)
 
     def kept(self, channels: int, rate: float) -> int:

@@ -7,7 +7,7 @@
   MLP) runs the forward a second time, the first pass ran under ``torch.no_grad`` and
   queued its indices; the recompute pass (grad enabled) takes them back in order, so
   forward, recompute and backward all use one selection.
-* The selection noise comes from a generator seeded for every draw from (seed, iteration,
+* The selection noise is keyed for every draw by a seed mixed from (seed, iteration,
   layer, module, micro-batch, tensor-parallel rank, data-parallel rank unless the
   selection is shared). A run resumed from a checkpoint therefore draws the same
   neurons as the uninterrupted run without saving any RNG state.
@@ -64,12 +64,10 @@ class SelectionState:
         self._pending: deque[tuple[int, object]] = deque()
         self._draws_iteration = -1
         self._draws = 0
-        self._generators: dict[torch.device, torch.Generator] = {}
         self.last: object = None  # the most recent selection, for logging and tests
 
-    def indices(self, draw: Callable[[torch.Generator | None], object], device: torch.device,
-                rank_key: tuple[int, ...]) -> object:
-        """Return this micro-batch's selection, drawing it with ``draw(generator)`` if new."""
+    def indices(self, draw: Callable[[int], object], rank_key: tuple[int, ...]) -> object:
+        """Return this micro-batch's selection, drawing it with ``draw(seed)`` if new."""
         it = get_iteration()
         if torch.is_grad_enabled():
             while self._pending and self._pending[0][0] != it:
@@ -79,15 +77,9 @@ class SelectionState:
                 return self.last
         if self._draws_iteration != it:
             self._draws_iteration, self._draws = it, 0
-        gen = self._generator(device)
-        gen.manual_seed(_mix(*self._key, it, self._draws, *rank_key))
+        seed = _mix(*self._key, it, self._draws, *rank_key)
         self._draws += 1
-        self.last = draw(gen)
+        self.last = draw(seed)
         if not torch.is_grad_enabled():
             self._pending.append((it, self.last))
         return self.last
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]

@@ -14,9 +14,9 @@ Before the division by tau the scores are rescaled (``score_scale``):
 
 The paper does not state the scale; docs/design.md explains the choice.
 
-On a GPU the rescale, the division by tau and the Gumbel transform of the noise run as
-one compiled kernel (:func:`sampling_keys`): selection is a dozen tiny operations per
-block, and their launches, not their arithmetic, are what it costs.
+This module is the reference implementation, on any device. On a GPU the same selection
+runs as one Triton kernel per block (:mod:`megatron_sat.fused_selection`) unless
+``--sat-selection-kernel torch`` asks for this one.
 """
 
 from __future__ import annotations
@@ -40,24 +40,30 @@ def rescale(scores: torch.Tensor, scale: str) -> torch.Tensor:
 
 
 def select(scores: torch.Tensor, k: int, method: str, temperature: float, scale: str,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           seed: int | None = None, shift: int | None = None) -> torch.Tensor:
     """Indices of the k kept neurons in every row of ``scores`` ([n] or [rows, n]).
 
     Returns int64 indices of shape [k] or [rows, k], sorted ascending within each row.
+    Of equal keys (top-k on tied scores) the lower index is kept.
+    ``seed`` keys the sampling noise (None: torch's global generator). With ``shift``,
+    every row holds the indices followed by the indices + shift ([..., 2k]): a gated
+    MLP's fc1 rows [gate; up].
     """
     if not 0 < k <= scores.shape[-1]:
         raise ValueError(f"cannot keep {k} of {scores.shape[-1]} neurons")
     keys = scores.float()
     if method == "sampling":
-        exp_noise = torch.empty_like(keys).exponential_(generator=generator)
-        keys_fn = _compiled_sampling_keys if keys.is_cuda else sampling_keys
-        keys = keys_fn(keys, exp_noise, temperature, scale)
+        keys = sampling_keys(keys, exponential_noise(keys, seed), temperature, scale)
     elif method != "topk":
         raise ValueError(f"unknown selection {method!r}")
     if k == keys.shape[-1]:
         idx = torch.arange(k, device=keys.device).expand(keys.shape[:-1] + (k,))
-        return idx.contiguous()
-    return torch.topk(keys, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    else:  # a stable sort: among equal keys the lower index is kept (torch.topk: any)
+        order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+        idx = order[..., :k].sort(dim=-1).values
+    if shift is not None:
+        return torch.cat([idx, idx + shift], dim=-1)
+    return idx.contiguous()
 
 
 def sampling_keys(scores: torch.Tensor, exp_noise: torch.Tensor, temperature: float,
@@ -67,4 +73,15 @@ def sampling_keys(scores: torch.Tensor, exp_noise: torch.Tensor, temperature: fl
     return rescale(scores, scale) / temperature - torch.log(exp_noise)
 
 
-_compiled_sampling_keys = torch.compile(sampling_keys, dynamic=False)
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def exponential_noise(like: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """Exp(1) noise shaped like ``like``, from a generator seeded with ``seed``."""
+    if seed is None:
+        return torch.empty_like(like).exponential_()
+    gen = _generators.get(like.device)
+    if gen is None:
+        gen = _generators[like.device] = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(like).exponential_(generator=gen)

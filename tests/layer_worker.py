@@ -201,7 +201,8 @@ def mlp_case(tp, sp, gated, bias, metric, use_main_grad, rate=0.5, multiple=64,
     mlp = build_mlp(cfg, sat).train()
     x_full = shared_randn(SEQ, BATCH, HIDDEN, seed=3)
     y, xg, grads = run(mlp, x_full, sp, use_main_grad)
-    ch = mlp.sat.state.last
+    fc1_rows = mlp.sat.state.last  # [gate; up] rows of a gated unit: the channels twice
+    ch = fc1_rows[: fc1_rows.numel() // 2] if gated else fc1_rows
     f_l = FFN // tp
     w1s = gather_list(mlp.linear_fc1.weight.detach())
     w2s = gather_list(mlp.linear_fc2.weight.detach())
@@ -236,23 +237,24 @@ def attention_case(tp, sp, heads, groups, gqa_mode, metric, use_main_grad):
     sel = attn.sat.state.last
     hn, g_l = HIDDEN // heads, groups // tp
     qpg = heads // groups
-    sels = list(zip(gather_list(sel.groups), gather_list(sel.queries)))
+    kept_idx = sel.heads()  # local query-head indices [kept groups, kept queries per group]
+    sels = list(zip(gather_list(kept_idx[:, 0] // qpg), gather_list(kept_idx % qpg)))
     wqkvs = gather_list(attn.linear_qkv.weight.detach())
     wos = gather_list(attn.linear_proj.weight.detach())
     x_ref = x_full.double().requires_grad_(True)
     y_ref, leaves = attention_reference(wqkvs, wos, sels, x_ref, g_l, qpg, hn)
     names = {"linear_qkv.weight": leaves[0::2], "linear_proj.weight": leaves[1::2]}
     rows = torch.ones(wqkvs[0].shape[0], dtype=torch.bool)
-    rows[sel.qkv_rows()] = False
+    rows[sel.qkv_rows] = False
     cols = torch.ones(wos[0].shape[1], dtype=torch.bool)
-    cols[sel.proj_columns()] = False
+    cols[sel.proj_columns] = False
     omitted = [lambda g: g["linear_qkv.weight"][rows], lambda g: g["linear_proj.weight"][:, cols]]
     rec = compare(tag, y, xg, grads, y_ref, x_ref, leaves, names, sp, omitted)
-    kept_heads = sel.queries.numel()
-    rec["selection"] = sel.qkv_rows().tolist()
+    kept_heads = sel.groups * sel.queries
+    rec["selection"] = sel.qkv_rows.tolist()
     rec["kept"] = kept_heads
     rec["expected_kept"] = (heads // tp) // 2
-    rec["kv_groups_computed"] = int(sel.groups.numel())
+    rec["kv_groups_computed"] = sel.groups
     return rec
 
 

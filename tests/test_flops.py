@@ -99,12 +99,17 @@ def test_kept_heads_match_the_sat_attention(shape, mode, tp, rate, expected):
     layout = HeadLayout(groups_local, q_per_group, shape.kv_channels, torch.device("cpu"))
     fake = SimpleNamespace(sat=SparseBlock(SATConfig(omission_rate=rate, gqa_mode=mode,
                                                      selection="topk"), 1, tp_group=None),
-                           head_layout=lambda device: layout)
-    selection = SATSelfAttention.choose_heads(fake, torch.randn(groups_local, q_per_group),
-                                              rate, torch.Generator().manual_seed(0))
+                           head_layout=lambda device: layout,
+                           num_query_groups_per_partition=groups_local,
+                           q_per_group=q_per_group,
+                           hidden_size_per_attention_head=shape.kv_channels)
+    row_scores = torch.randn(groups_local * (q_per_group + 2) * shape.kv_channels)
+    selection = SATSelfAttention.choose_heads(fake, row_scores, rate, seed=0)
     kept = kept_width(with_tp(shape, tp), rate, gqa_mode=mode)
-    assert tp * selection.queries.numel() == kept.query_heads
-    assert tp * selection.groups.numel() == kept.kv_groups
+    assert tp * selection.heads().numel() == kept.query_heads
+    assert tp * selection.groups == kept.kv_groups
+    assert selection.qkv_rows.numel() == selection.groups * (selection.queries + 2) * \
+        shape.kv_channels
 
 
 def hand_forward_per_token(shape: ModelShape, q_heads: int, kv_groups: int, ffn: int) -> int:

@@ -1,7 +1,7 @@
 """Tests of megatron_sat/runtime.py: SelectionState's seeding and index reuse.
 
 ``draw`` below stands for a module's selection: it records every call and returns noise
-from the generator it is handed, so equal returns mean equal generator states.
+from a generator seeded with the seed it is handed, so equal returns mean equal seeds.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import torch
 
 from megatron_sat import runtime
 from megatron_sat.runtime import SelectionState, get_iteration, set_iteration
-
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +24,13 @@ class Drawer:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, gen):
+    def __call__(self, seed):
         self.calls += 1
-        return torch.rand(8, generator=gen)
+        return torch.rand(8, generator=torch.Generator().manual_seed(seed))
 
 
 def _take(state, drawer, rank_key=(0, 0)):
-    return state.indices(drawer, CPU, rank_key)
+    return state.indices(drawer, rank_key)
 
 
 def test_set_iteration():

@@ -45,7 +45,7 @@ def _inclusion(subset_probs, n):
 
 def _draw(scores, k, tau, scale, n_draws=N_DRAWS, seed=0):
     mat = torch.tensor(scores, dtype=torch.float32).expand(n_draws, len(scores)).contiguous()
-    idx = select(mat, k, "sampling", tau, scale, generator=torch.Generator().manual_seed(seed))
+    idx = select(mat, k, "sampling", tau, scale, seed=seed)
     assert idx.shape == (n_draws, k) and idx.dtype == torch.int64
     return idx
 
@@ -109,7 +109,7 @@ def test_tiny_temperature_is_topk():
     for n, k in [(5, 2), (12, 5), (40, 13)]:
         scores = torch.randn(3000, n, generator=g)
         for scale in ("raw", "standard"):
-            sampled = select(scores, k, "sampling", 1e-6, scale, generator=g)
+            sampled = select(scores, k, "sampling", 1e-6, scale, seed=n * 10 + k)
             assert torch.equal(sampled, select(scores, k, "topk", 1.0, scale))
         # independent reference: the k largest by a full sort
         ref = scores.argsort(dim=1, descending=True)[:, :k].sort(dim=1).values
@@ -129,12 +129,19 @@ def test_topk_by_hand():
         assert select(s, 2, "topk", 1.0, scale).tolist() == [2, 4]
 
 
+def test_topk_ties_keep_the_lower_index():
+    s = torch.tensor([1.0, 3.0, 3.0, -2.0, 3.0, 0.0, 3.0])  # four 3s tie for the top
+    assert select(s, 2, "topk", 1.0, "raw").tolist() == [1, 2]
+    assert select(s, 5, "topk", 1.0, "raw").tolist() == [0, 1, 2, 4, 6]
+    assert select(torch.zeros(2, 6), 3, "topk", 1.0, "raw").tolist() == [[0, 1, 2]] * 2
+
+
 def test_topk_rows_are_independent():
     s = torch.tensor([[5.0, 1.0, 3.0, 4.0],
                       [0.0, 9.0, 8.0, -1.0],
                       [1.0, 2.0, 3.0, 4.0]])
     assert select(s, 2, "topk", 1.0, "raw").tolist() == [[0, 3], [1, 2], [2, 3]]
-    full = select(s, 4, "sampling", 0.5, "raw", generator=torch.Generator().manual_seed(0))
+    full = select(s, 4, "sampling", 0.5, "raw", seed=0)
     assert full.tolist() == [[0, 1, 2, 3]] * 3
 
 
@@ -206,10 +213,10 @@ def test_uniform_inclusion_larger():
     _assert_freqs(inc, [k / n] * n, draws)  # 0.375 each
 
 
-def test_same_generator_seed_same_selection():
+def test_same_seed_same_selection():
     s = torch.randn(50, 16, generator=torch.Generator().manual_seed(9))
-    a = select(s, 6, "sampling", 0.5, "standard", generator=torch.Generator().manual_seed(11))
-    b = select(s, 6, "sampling", 0.5, "standard", generator=torch.Generator().manual_seed(11))
-    c = select(s, 6, "sampling", 0.5, "standard", generator=torch.Generator().manual_seed(12))
+    a = select(s, 6, "sampling", 0.5, "standard", seed=11)
+    b = select(s, 6, "sampling", 0.5, "standard", seed=11)
+    c = select(s, 6, "sampling", 0.5, "standard", seed=12)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)

@@ -3,8 +3,8 @@
 ``SubsetMatmul``: forward, input gradient and the kept slice's weight gradient, added into
 an fp32 ``main_grad`` (megatron DDP) or returned as a dense ``.grad``, against autograd of
 the dense slice. The ``cuda`` tests run on a GPU only (``benchmarks/run_h100.sh OUT
-check``): the weight gradient through the fp32-result GEMM, for rows and columns, and the
-compiled Gumbel-top-k keys against the eager ones.
+check``): the weight gradient through the fp32-result GEMM, for rows and columns. The
+selection kernels are tested in ``tests/test_fused_selection.py``.
 """
 
 from __future__ import annotations
@@ -70,15 +70,3 @@ def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim):
     assert torch.equal(weight.main_grad.index_fill(dim, index, 0),
                        before.float().index_fill(dim, index, 0))
     assert err < bf16_err / 8, (err, bf16_err)  # fp32 accumulation, never rounded to bf16
-
-
-@cuda
-def test_cuda_compiled_sampling_keys_equal_the_eager_ones():
-    from megatron_sat.selection import _compiled_sampling_keys, sampling_keys
-
-    scores = torch.randn(4, 8, device="cuda")
-    noise = torch.empty_like(scores).exponential_()
-    for scale in ("standard", "minmax", "raw"):
-        torch.testing.assert_close(_compiled_sampling_keys(scores, noise, 0.5, scale),
-                                   sampling_keys(scores, noise, 0.5, scale))
-
