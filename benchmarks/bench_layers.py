@@ -171,9 +171,12 @@ def main():
     ap.add_argument("--profile-rate", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=SHAPE["batch"],
                     help="micro-batch size (sequences of 2048 tokens)")
+    ap.add_argument("--seq", type=int, default=SHAPE["seq"],
+                    help="sequence length; a short one makes every block host-bound, so "
+                         "the times are the host's cost of issuing the block")
     ap.add_argument("--no-profile", action="store_true")
     a = ap.parse_args()
-    SHAPE["batch"] = a.batch
+    SHAPE.update(batch=a.batch, seq=a.seq)
     setup()
     results, tables = [], {}
     for block in ("mlp", "attention"):

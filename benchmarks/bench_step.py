@@ -98,9 +98,13 @@ _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(
 _MEM = re.compile(r"max allocated: ([\d.]+)")
 
 
-def timed_iterations(rates: dict[int, float], first: int) -> list[int]:
-    """Iterations from ``first`` on whose predecessor ran at the same rate."""
-    return [i for i, r in rates.items() if i >= first and rates.get(i - 1) == r]
+def timed_iterations(rates: dict[int, float], first: int, interval: int = 1) -> list[int]:
+    """Logged iterations from ``first`` on whose predecessor ran at the same rate.
+
+    With a log interval L megatron logs every L-th iteration i with the mean time of
+    (i - L, i]; such a window is timed when the window before it ran at the same rate,
+    so the first window after a switch is not."""
+    return [i for i, r in rates.items() if i >= first and rates.get(i - interval) == r]
 
 
 def run_case(a, s: dict, log_dir: Path) -> dict:
@@ -113,7 +117,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
            "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
            "--mock-data", "--tokenizer-type", "NullTokenizer",
            "--vocab-size", str(s["vocab"] - 1), "--bf16", "--use-distributed-optimizer",
-           "--log-interval", "1", "--eval-iters", "0",
+           "--log-interval", str(a.log_interval), "--eval-iters", "0",
            "--eval-interval", "100000", "--seed", "1234",
            "--tensorboard-dir", str(log_dir / "tensorboard"),
            "--sat-omission-rate", str(a.rate), "--sat-metric", a.metric,
@@ -141,7 +145,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
     tokens = a.global_batch_size * s["seq"]
     shape = shape_of(s)
     rates = {i: r for i, _, _, r in rows}
-    timed = set(timed_iterations(rates, first=2 * a.block + 1)) - profiled
+    timed = set(timed_iterations(rates, 2 * a.block + 1, a.log_interval)) - profiled
     phases = {}
     for name, rate in (("sat", a.rate), ("dense", 0.0)):
         times = [ms for i, ms, _, r in rows if abs(r - rate) < 1e-9 and i in timed]
@@ -160,6 +164,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
         sat["dense_equivalent_tflops_per_s"] = dense_flops / (sat["median_ms"] / 1e3) / 1e12
     result = {"case": a.name, "shape": a.shape, **s, "micro_batch_size": a.micro_batch_size,
               "global_batch_size": a.global_batch_size, "flags": a.flags,
+              "log_interval": a.log_interval,
               "extra": a.extra, "triton_kernels": not a.no_triton,
               "returncode": proc.returncode, "phases": phases,
               "speedup": dense["median_ms"] / sat["median_ms"] if sat and dense else None,
@@ -193,6 +198,10 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=4,
                    help="SAT + dense block pairs; the first is not timed (default 4)")
     p.add_argument("--flags", choices=FLAG_SETS, default="tuned")
+    p.add_argument("--log-interval", type=int, default=1,
+                   help="megatron's --log-interval L (must divide --block). Each log line "
+                        "synchronises the GPU; L > 1 times the mean of L iterations, "
+                        "the first window after a switch untimed")
     p.add_argument("--no-triton", action="store_true",
                    help="without megatron-sat's Triton SwiGLU (A/B; alternating_rate.py)")
     p.add_argument("--profile", action="store_true")
@@ -204,6 +213,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("extra", nargs="*", help="more pretrain_sat.py flags (after --)")
     a = p.parse_args()
+    if a.log_interval < 1 or a.block % a.log_interval:
+        p.error(f"--log-interval {a.log_interval} must divide --block {a.block}")
     a.name = a.name or a.shape
     s = SHAPES[a.shape]
     log_dir = a.out.with_suffix("")
@@ -216,7 +227,8 @@ def main() -> None:
     print(f"{a.name}: dense {dense['median_ms']:.1f} ms {dense['tokens_per_s']:,.0f} tok/s "
           f"MFU {dense['mfu']:.1%} | SAT r={a.rate} {sat['median_ms']:.1f} ms "
           f"{sat['tokens_per_s']:,.0f} tok/s | speedup {r['speedup']:.3f} "
-          f"(ideal {r['ideal_speedup']:.3f}, {r['fraction_of_ideal']:.0%} of the ideal gain)")
+          f"(ideal {r['ideal_speedup']:.3f}: {r['speedup'] / r['ideal_speedup']:.1%} of it, "
+          f"{r['fraction_of_ideal']:.0%} of the ideal gain)")
 
 
 if __name__ == "__main__":

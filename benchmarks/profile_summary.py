@@ -35,7 +35,8 @@ CATEGORIES = [  # first match wins
     ("index gather/scatter", re.compile(r"index|gather|scatter|indexing", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach|l2norm|lerp", re.I)),
     ("communication", re.compile(r"nccl|allreduce|all_gather|reduce_scatter", re.I)),
-    ("sort/top-k", re.compile(r"sort|topk|radix|bitonic", re.I)),
+    # torch's top-k and sort, and megatron_sat.fused_selection's *_select_kernel
+    ("sort/top-k", re.compile(r"sort|topk|radix|bitonic|select_kernel", re.I)),
     ("norm/reduction", re.compile(r"norm|reduce|softmax|cross_entropy|log_softmax", re.I)),
     ("copy/cast", re.compile(r"copy|cast|memcpy|memset|cat|fill", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|triton|unrolled|pointwise", re.I)),

@@ -21,6 +21,12 @@ def test_timed_iterations_skip_warmup_and_the_first_after_each_switch():
     assert timed_iterations(rates, first=7) == [8, 9, 11, 12, 14, 15, 17, 18]
 
 
+def test_timed_windows_with_a_log_interval_skip_the_first_window_after_a_switch():
+    # blocks of 8, logged every 4 iterations: windows (0, 4], (4, 8], ... ; 3 cycles
+    rates = {i: (0.5 if (i - 1) // 8 % 2 == 0 else 0.0) for i in range(4, 49, 4)}
+    assert timed_iterations(rates, first=17, interval=4) == [24, 32, 40, 48]
+
+
 def test_alternating_rate_flips_every_block(monkeypatch):
     import megatron_sat.block
     import pretrain_sat
