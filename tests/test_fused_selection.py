@@ -89,12 +89,20 @@ def test_cuda_kernels_compile_once_whatever_the_seed():
 
     scores = torch.randn(1000, device="cuda")
     rows = torch.randn(4 * 10 * 64, device="cuda")
-    for seed in [16 * i for i in range(1, 6)] + [2**40 + 1, 2**62 - 3, 7]:
+
+    def draw(seed):
         fs.select(scores, 320, "sampling", 0.05, "standard", seed)
         fs.select_heads(rows, 4, 8, 64, 4, False, "sampling", 0.05, "standard", seed)
-    for kernel in (fs._select_kernel, fs._head_select_kernel):
-        compiled = [len(c[0]) for c in kernel.device_caches.values()]
-        assert compiled == [1], compiled
+
+    def variants():  # other tests in this process may have compiled other shapes
+        return [sum(len(c[0]) for c in k.device_caches.values())
+                for k in (fs._select_kernel, fs._head_select_kernel)]
+
+    draw(2**40 + 1)
+    before = variants()
+    for seed in [16 * i for i in range(1, 6)] + [2**62 - 3, 7, 1]:
+        draw(seed)
+    assert variants() == before
 
 
 _BLOCKS_CHECK = r"""
