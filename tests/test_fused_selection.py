@@ -83,6 +83,20 @@ def test_cuda_kernels_keep_what_the_torch_path_keeps(dtype):
 
 
 @cuda
+def test_cuda_maxip_statistic_is_the_token_mean_rounded_once():
+    """On a GPU the bf16 maxip statistic is a GEMV: the fp32 mean, rounded once to bf16."""
+    from megatron_sat.importance import input_statistic
+
+    for tokens in (4096, 3000):  # 1/m exact in binary, and not
+        z = torch.randn(tokens, 2, 512, device="cuda").bfloat16()
+        got = input_statistic("maxip", z)
+        want = z.float().reshape(-1, 512).mean(dim=0)
+        assert got.dtype == torch.bfloat16 and got.shape == (512,)
+        ulp = want.abs().clamp_min(1e-6) * 2 ** -7  # one bf16 ulp at most
+        assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
+
+
+@cuda
 def test_cuda_kernels_compile_once_whatever_the_seed():
     """Seeds change every draw; Triton must not specialise (and compile) on them."""
     from megatron_sat import fused_selection as fs
