@@ -21,6 +21,10 @@ Weight gradients (``wgrad``): the kept slice's gradient of TinyLlama's fc1 (rows
 ``SubsetMatmul`` does on CUDA), next to the dense layer's fp32-accumulating GEMM into
 ``main_grad``.
 
+The maxip statistic (``statistic``): the token mean of a block's bf16 input as torch's
+column reduction (fp32) and a cast to bf16, against the GEMV z^T (1/m) that
+``importance.input_statistic`` runs on a GPU; the error is against the fp32 mean.
+
     python benchmarks/bench_kernels.py --out kernels.json
 """
 
@@ -172,6 +176,21 @@ def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
     return rows
 
 
+def statistic_cases(tokens: int, hidden: int) -> list[dict]:
+    from megatron_sat.importance import input_statistic
+    z = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    ref = z.float().mean(dim=0)
+    rows = []
+    for name, fn in {
+            "torch mean (fp32) + cast": lambda: torch.mean(z, 0, dtype=torch.float32).to(z.dtype),
+            "GEMV z^T (1/m) (input_statistic)": lambda: input_statistic("maxip", z)}.items():
+        ms = gpu_ms(fn)
+        rows.append({"kernel": "statistic", "variant": name, "rate": 0.0, "role": "",
+                     "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
+                     "max_error": (fn().float() - ref).abs().max().item()})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16 * 2048)
@@ -183,6 +202,7 @@ def main() -> None:
     rows = swiglu_cases(a.tokens, a.ffn, a.iters)
     rows += rope_cases(2048, a.tokens // 2048, 4, 8, a.iters)
     rows += wgrad_cases(a.tokens, 2048, a.ffn, a.iters)
+    rows += statistic_cases(a.tokens, 2048)
     summary = {}
     for r in rows:
         key = f"{r['kernel']} | {r['variant']}"
