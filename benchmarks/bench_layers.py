@@ -118,7 +118,8 @@ def selection_fn(m, block, rate):
     @torch.no_grad()
     def step():
         if block == "mlp":
-            m.sat.pick(m.channel_scores(x), m.kept(m.ffn_local, rate), 0, m.ffn_local)
+            shift = m.ffn_local if m.config.gated_linear_unit else None
+            m.sat.pick(m.channel_scores(x), m.kept(m.ffn_local, rate), 0, shift)
         else:
             m.choose_heads(m.row_scores(x), rate, 0)
     return step

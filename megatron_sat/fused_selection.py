@@ -15,15 +15,17 @@ Selection's kernels are tiny; on a GPU it cost the launches (about 25 per block)
 host time to issue them, which made the SAT forward host-bound (docs/performance.md).
 
 Same keys, same rule as the torch path: key = rescale(s) / tau + G (``sampling``) or
-key = s (``topk``), and the k largest keys are kept, ties going to the lower index. The
-noise differs: G = -log(-log U) with U from Philox (``tl.rand``) keyed by the draw's
-seed and the neuron's position, where the torch path draws ``exponential_`` from a torch
-generator; both are exact standard Gumbel noise, so the selection has the same
-distribution, but the two paths pick different neurons for one seed. A run is
-reproducible (and resumes identically) on either path.
+key = s (``topk``), and the k largest keys are kept, ties going to the lower index (-0.0
+equals +0.0). A NaN key of either sign counts as the largest here (torch's sort agrees on
+CPU; on a GPU it puts a negative NaN last). The noise differs: G = -log(-log U) with U from Philox
+(``tl.rand``, 31-bit uniforms) keyed by the draw's seed and the neuron's position, where
+the torch path draws ``exponential_`` from a torch generator; both are standard Gumbel
+noise to float precision, so the selection has the same distribution, but the two paths
+pick different neurons for one seed. A run is reproducible (and resumes identically) on
+either path.
 
 The k-th largest key of a row is found by a bitwise search over the keys' order-preserving
-integer images (31 counting passes over the row, no sort); the kept positions are then
+integer images (32 counting passes over the row, no sort); the kept positions are then
 compacted with a prefix sum, which yields them in ascending order.
 """
 
@@ -35,8 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_sat.selection import check
+
 SCALES = {"raw": 0, "standard": 1, "minmax": 2}
-MAX_BLOCK = 32768  # most scores one program handles; more use the torch path
+MAX_BLOCK = 16384  # most scores one program handles (the largest tested); more: torch path
 
 
 @triton.jit
@@ -67,6 +71,8 @@ def _keys(s, valid, noise_offsets, count, tau, seed, SCALE: tl.constexpr,
 @triton.jit
 def _top_k(keys, valid, k):
     """Mask of the k largest keys in every row of a 2D block; ties keep the lower index."""
+    keys = tl.where(keys == 0.0, 0.0, keys)  # -0.0 is +0.0
+    keys = tl.where(keys != keys, float("nan"), keys)  # one NaN, above every number
     bits = keys.to(tl.int32, bitcast=True)
     order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
     # t = the k-th largest order of the row, decided bit by bit from the sign down
@@ -176,8 +182,7 @@ def select(scores: torch.Tensor, k: int, method: str, temperature: float, scale:
            seed: int | None = None, shift: int | None = None) -> torch.Tensor:
     """:func:`megatron_sat.selection.select` in one kernel (Gumbel noise from ``seed``)."""
     n = scores.shape[-1]
-    if not 0 < k <= n:
-        raise ValueError(f"cannot keep {k} of {n} neurons")
+    check(k, n, method, scale)
     rows = scores.numel() // n
     width = 2 * k if shift is not None else k
     out = torch.empty(*scores.shape[:-1], width, dtype=torch.int64, device=scores.device)
@@ -197,6 +202,7 @@ def select_heads(row_scores: torch.Tensor, groups: int, q_per_group: int, head_d
 
     ``by_groups``: keep ``k`` whole kv groups; otherwise ``k`` query heads in every group.
     """
+    check(k, groups if by_groups else q_per_group, method, scale)
     kept_groups, kept_queries = (k, q_per_group) if by_groups else (groups, k)
     qkv = torch.empty(kept_groups * (kept_queries + 2) * head_dim, dtype=torch.int64,
                       device=row_scores.device)

@@ -19,6 +19,8 @@ sequence: selection does not depend on whether sequence parallelism is on.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -29,10 +31,11 @@ def input_statistic(metric: str, z: torch.Tensor, sp_group=None) -> torch.Tensor
     """The d-vector of Eq. 5 computed from input ``z`` [..., d]; None if unused.
 
     fp32, except the maxip mean of a half-precision ``z`` on a GPU without sequence
-    parallelism: that is one GEMV, z^T (1/m) with fp32 accumulation, rounded once to z's
-    dtype, which is the dtype ``neuron_scores`` multiplies in (cuBLAS's GEMV reads z at a
-    higher bandwidth than torch's column reduction: 47 vs 65 us for the reduction and the
-    cast at 32k x 2048 tokens on an H100).
+    parallelism: that is one cuBLAS GEMV, z^T (1/m) computed in fp32 and rounded once to
+    z's dtype, the dtype ``neuron_scores`` multiplies in. On an H100 at 32k x 2048 tokens
+    the GEMV takes 47 us, torch's fp32 column mean and the cast 65 us
+    (``benchmarks/bench_kernels.py``); a CUDA test checks the result is within one bf16
+    ulp of the fp32 mean.
 
     ``sp_group``: the tensor-parallel group when ``z`` holds only this rank's sequence shard.
     """
@@ -54,15 +57,14 @@ def input_statistic(metric: str, z: torch.Tensor, sp_group=None) -> torch.Tensor
     return stat.sqrt_()
 
 
-_ONES: dict[tuple, torch.Tensor] = {}
-
-
 def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
-    """A cached vector of n ones in ``like``'s dtype and device."""
-    key = (n, like.dtype, like.device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(n, dtype=like.dtype, device=like.device)
-    return _ONES[key]
+    """A vector of n ones in ``like``'s dtype and device, made once per shape."""
+    return _cached_ones(n, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=dtype, device=device)
 
 
 def neuron_scores(metric: str, weight: torch.Tensor, stat: torch.Tensor | None) -> torch.Tensor:

@@ -44,21 +44,36 @@ def select(scores: torch.Tensor, k: int, method: str, temperature: float, scale:
     """Indices of the k kept neurons in every row of ``scores`` ([n] or [rows, n]).
 
     Returns int64 indices of shape [k] or [rows, k], sorted ascending within each row.
-    Of equal keys (top-k on tied scores) the lower index is kept.
     ``seed`` keys the sampling noise (None: torch's global generator). With ``shift``,
     every row holds the indices followed by the indices + shift ([..., 2k]): a gated
     MLP's fc1 rows [gate; up].
     """
-    if not 0 < k <= scores.shape[-1]:
-        raise ValueError(f"cannot keep {k} of {scores.shape[-1]} neurons")
+    check(k, scores.shape[-1], method, scale)
     keys = scores.float()
     if method == "sampling":
         keys = sampling_keys(keys, exponential_noise(keys, seed), temperature, scale)
-    elif method != "topk":
+    return top_k_indices(keys, k, shift)
+
+
+def check(k: int, n: int, method: str, scale: str) -> None:
+    """Reject a selection that cannot be made (both selection paths call this)."""
+    if not 0 < k <= n:
+        raise ValueError(f"cannot keep {k} of {n} neurons")
+    if method not in ("topk", "sampling"):
         raise ValueError(f"unknown selection {method!r}")
+    if scale not in ("raw", "standard", "minmax"):
+        raise ValueError(f"unknown score scale {scale!r}")
+
+
+def top_k_indices(keys: torch.Tensor, k: int, shift: int | None = None) -> torch.Tensor:
+    """Ascending indices of the k largest ``keys`` of every row (see :func:`select`).
+
+    Of equal keys the lower index is kept (a stable sort; ``torch.topk`` may keep any),
+    and -0.0 equals +0.0.
+    """
     if k == keys.shape[-1]:
         idx = torch.arange(k, device=keys.device).expand(keys.shape[:-1] + (k,))
-    else:  # a stable sort: among equal keys the lower index is kept (torch.topk: any)
+    else:
         order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
         idx = order[..., :k].sort(dim=-1).values
     if shift is not None:

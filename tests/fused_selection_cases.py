@@ -23,7 +23,7 @@ import triton.language as tl
 from megatron_sat import fused_selection
 from megatron_sat.attention import HeadLayout
 from megatron_sat.importance import head_scores
-from megatron_sat.selection import sampling_keys
+from megatron_sat.selection import sampling_keys, top_k_indices
 
 
 @triton.jit
@@ -48,11 +48,8 @@ def reference_keys(scores, method, tau, scale, seed):
 
 
 def reference_select(scores, k, method, tau, scale, seed, shift=None):
-    """``selection.select`` with the kernels' noise: keys, top-k, ascending indices."""
-    keys = reference_keys(scores, method, tau, scale, seed)
-    # ties: the lower index first (a stable descending sort), as both paths do
-    idx = keys.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
-    return torch.cat([idx, idx + shift], dim=-1) if shift is not None else idx
+    """``selection.select`` with the kernels' noise: its keys and its top-k."""
+    return top_k_indices(reference_keys(scores, method, tau, scale, seed), k, shift)
 
 
 def differ_only_at_near_ties(got, ref, keys, k) -> bool:
@@ -137,16 +134,22 @@ def run_cases(device="cpu", dtype=torch.float32, large=False) -> list[dict]:
 
 
 def tie_and_distribution_records(device="cpu") -> dict:
-    """Ties go to the lower index; one draw per row of many equal rows matches softmax."""
+    """Ties go to the lower index (also -0.0 vs +0.0 and NaNs, against the torch path);
+    one draw per row of many equal rows matches softmax."""
     s = torch.tensor([1.0, 3.0, 3.0, -2.0, 3.0, 0.0, 3.0], device=device)
     ties = fused_selection.select(s, 2, "topk", 1.0, "raw").tolist()
     ties3 = fused_selection.select(s, 5, "topk", 1.0, "raw").tolist()
+    signed_zero = torch.tensor([-0.0, 0.0, 1.0], device=device)
+    nans = torch.tensor([1.0, float("nan"), 2.0, -float("nan")], device=device)
+    special = {name: [fused_selection.select(t, k, "topk", 1.0, "raw").tolist(),
+                      top_k_indices(t, k).tolist()]
+               for name, t, k in (("signed_zero", signed_zero, 2), ("nan", nans, 2))}
     scores = torch.tensor([0.0, 0.5, 1.0, 2.0], device=device)
     rows = 4096
     picks = fused_selection.select(scores.expand(rows, 4).contiguous(), 1, "sampling", 1.0,
                                    "raw", seed=2024)
     freq = torch.bincount(picks.flatten().cpu(), minlength=4).double() / rows
-    return {"ties_k2": ties, "ties_k5": ties3, "freq": freq.tolist(),
+    return {"ties_k2": ties, "ties_k5": ties3, "special": special, "freq": freq.tolist(),
             "softmax": torch.softmax(scores.double().cpu(), 0).tolist()}
 
 

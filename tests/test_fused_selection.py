@@ -62,6 +62,9 @@ def test_ties_go_to_the_lower_index(interpreted):
     # scores [1, 3, 3, -2, 3, 0, 3]: four 3s tie for the top
     assert interpreted["ties_k2"] == [1, 2]
     assert interpreted["ties_k5"] == [0, 1, 2, 4, 6]
+    # -0.0 ties with +0.0; NaN (either sign) is the largest key, as in the torch path on CPU
+    assert interpreted["special"]["signed_zero"] == [[0, 2], [0, 2]]
+    assert interpreted["special"]["nan"] == [[1, 3], [1, 3]]
 
 
 def test_one_draw_per_row_follows_softmax(interpreted):
@@ -80,6 +83,10 @@ def test_cuda_kernels_keep_what_the_torch_path_keeps(dtype):
     _assert_cases(run_cases("cuda", dtype, large=True), near_ties=2)
     rec = tie_and_distribution_records("cuda")
     assert rec["ties_k2"] == [1, 2] and rec["ties_k5"] == [0, 1, 2, 4, 6]
+    # the kernel's rule on a GPU too; torch's CUDA sort puts a negative NaN last, so the
+    # torch path is compared on NaN only on CPU (above)
+    assert rec["special"]["signed_zero"] == [[0, 2], [0, 2]]
+    assert rec["special"]["nan"][0] == [1, 3]
 
 
 @cuda
@@ -87,11 +94,11 @@ def test_cuda_maxip_statistic_is_the_token_mean_rounded_once():
     """On a GPU the bf16 maxip statistic is a GEMV: the fp32 mean, rounded once to bf16."""
     from megatron_sat.importance import input_statistic
 
-    for tokens in (4096, 3000):  # 1/m exact in binary, and not
-        z = torch.randn(tokens, 2, 512, device="cuda").bfloat16()
+    for tokens, d in ((16384, 2048), (3000, 512)):  # x 2 sequences; 1/m exact, and not
+        z = torch.randn(tokens, 2, d, device="cuda").bfloat16()
         got = input_statistic("maxip", z)
-        want = z.float().reshape(-1, 512).mean(dim=0)
-        assert got.dtype == torch.bfloat16 and got.shape == (512,)
+        want = z.float().reshape(-1, d).mean(dim=0)
+        assert got.dtype == torch.bfloat16 and got.shape == (d,)
         ulp = want.abs().clamp_min(1e-6) * 2 ** -7  # one bf16 ulp at most
         assert torch.all((got.float() - want).abs() <= ulp), (got.float() - want).abs().max()
 
