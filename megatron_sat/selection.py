@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_sat.config import SCORE_SCALES, SELECTIONS
+
 _TINY = 1e-12
 
 
@@ -59,9 +61,9 @@ def check(k: int, n: int, method: str, scale: str) -> None:
     """Reject a selection that cannot be made (both selection paths call this)."""
     if not 0 < k <= n:
         raise ValueError(f"cannot keep {k} of {n} neurons")
-    if method not in ("topk", "sampling"):
+    if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}")
-    if scale not in ("raw", "standard", "minmax"):
+    if scale not in SCORE_SCALES:
         raise ValueError(f"unknown score scale {scale!r}")
 
 
