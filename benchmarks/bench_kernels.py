@@ -25,6 +25,13 @@ The maxip statistic (``statistic``): the token mean of a block's bf16 input as t
 column reduction (fp32) and a cast to bf16, against the GEMV z^T (1/m) that
 ``importance.input_statistic`` runs on a GPU; the error is against the fp32 mean.
 
+RMSNorm (``rmsnorm``) and the language-model loss (``cross_entropy``), which no omission
+rate shrinks: torch's ``F.rms_norm`` against megatron-sat's Triton kernels
+(:mod:`megatron_sat.fused_rmsnorm`, weight gradient in the same backward pass), and
+megatron-core's ``--cross-entropy-fusion-impl native`` and torch's ``F.cross_entropy``
+against :mod:`megatron_sat.fused_cross_entropy`, forward + backward at TinyLlama's
+16 x 2048 tokens (hidden 2048, vocabulary 32000); errors against float32 references.
+
     python benchmarks/bench_kernels.py --out kernels.json
 """
 
@@ -191,18 +198,91 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
     return rows
 
 
+def _fwd_bwd_case(kernel: str, variant: str, fn, inputs: list[torch.Tensor],
+                  grad: torch.Tensor, reference: dict[str, torch.Tensor], iters: int) -> dict:
+    """GPU time of ``fn(*inputs)`` forward + backward(grad), and its largest errors
+    against ``reference`` (the output as "out", input gradients by position)."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+
+    def call():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        out.backward(grad)
+        return out
+
+    out = call()
+    got = {"out": out, **{str(i): t.grad for i, t in enumerate(leaves) if t.grad is not None}}
+    errors = {k: (got[k].float() - want).abs().max().item() for k, want in reference.items()}
+    ms = gpu_ms(call, iters)
+    return {"kernel": kernel, "variant": variant, "rate": 0.0, "role": "",
+            "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms, "max_error": errors}
+
+
+def _fp32_reference(fn, inputs, grad) -> dict[str, torch.Tensor]:
+    leaves = [t.detach().float().requires_grad_() if t.is_floating_point() else t
+              for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.float())
+    return {"out": out.detach(), **{str(i): t.grad for i, t in enumerate(leaves)
+                                    if t.is_floating_point()}}
+
+
+def norm_loss_cases(tokens: int, hidden: int, vocab: int, iters: int) -> list[dict]:
+    import torch.nn.functional as F
+
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    from megatron_sat.fused_cross_entropy import vocab_parallel_cross_entropy
+    from megatron_sat.fused_rmsnorm import fused_rms_norm
+
+    if not torch.distributed.is_initialized():  # megatron's loss all-reduces over its group
+        torch.distributed.init_process_group(
+            "nccl", init_method=f"file://{tempfile.mkdtemp()}/pg", rank=0, world_size=1)
+    group = torch.distributed.group.WORLD
+    rows = []
+    x = torch.randn(tokens // 2048, 2048, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    dy = torch.randn_like(x)
+    torch_norm = lambda x, w: F.rms_norm(x, (hidden,), w, 1e-5)  # noqa: E731
+    ref = _fp32_reference(torch_norm, [x, w], dy)
+    for name, fn in (("torch F.rms_norm", torch_norm),
+                     ("triton, weight gradient fused", lambda x, w: fused_rms_norm(x, w, 1e-5))):
+        rows.append(_fwd_bwd_case("rmsnorm", name, fn, [x, w], dy, ref, iters))
+    del x, dy, ref
+    logits = torch.randn(2048, tokens // 2048, vocab, device="cuda", dtype=torch.bfloat16) * 4
+    target = torch.randint(0, vocab, logits.shape[:-1], device="cuda")
+    g = torch.rand(logits.shape[:-1], device="cuda")
+    torch_ce = lambda z, t: F.cross_entropy(  # noqa: E731
+        z.view(-1, vocab), t.view(-1), reduction="none").view(t.shape)
+    ref = _fp32_reference(torch_ce, [logits, target], g)
+    for name, fn in (("megatron native (compiled)",
+                      lambda z, t: fused_vocab_parallel_cross_entropy(z, t, group)),
+                     ("torch F.cross_entropy", torch_ce),
+                     ("triton, two passes", vocab_parallel_cross_entropy)):
+        rows.append(_fwd_bwd_case("cross_entropy", name, fn, [logits, target], g, ref, iters))
+    return rows
+
+
+CASES = {
+    "swiglu": lambda a: swiglu_cases(a.tokens, a.ffn, a.iters),
+    "rope": lambda a: rope_cases(2048, a.tokens // 2048, 4, 8, a.iters),
+    "wgrad": lambda a: wgrad_cases(a.tokens, 2048, a.ffn, a.iters),
+    "statistic": lambda a: statistic_cases(a.tokens, 2048),
+    "norm_loss": lambda a: norm_loss_cases(a.tokens, 2048, 32000, a.iters),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16 * 2048)
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     megatron_fixes.apply()
-    rows = swiglu_cases(a.tokens, a.ffn, a.iters)
-    rows += rope_cases(2048, a.tokens // 2048, 4, 8, a.iters)
-    rows += wgrad_cases(a.tokens, 2048, a.ffn, a.iters)
-    rows += statistic_cases(a.tokens, 2048)
+    rows = [row for name in a.cases for row in CASES[name](a)]
     summary = {}
     for r in rows:
         key = f"{r['kernel']} | {r['variant']}"

@@ -7,6 +7,9 @@ Megatron all-reduces such gradients over the tensor-parallel group for parameter
 ``.sequence_parallel = True`` (``finalize_model_grads``); :class:`TorchNorm` tags its own.
 Its parameters are named like torch's norms (``weight``, ``bias``), so checkpoints match
 those of ``WrappedTorchNorm``.
+
+RMSNorm calls :data:`RMS_NORM`, torch's ``F.rms_norm``, which ``torch_fusions.apply``
+points at the Triton kernels of :mod:`megatron_sat.fused_rmsnorm` on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+RMS_NORM = F.rms_norm  # F.rms_norm's signature; replaced by torch_fusions.apply
 
 
 class TorchNorm(torch.nn.Module):
@@ -46,7 +50,7 @@ class TorchNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalization == "LayerNorm":
             return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
-        return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return RMS_NORM(x, self.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalization}, {self.shape[0]}, eps={self.eps}"

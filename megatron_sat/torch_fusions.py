@@ -1,7 +1,8 @@
 """Torch stand-ins for the fused kernels megatron-core takes from Transformer Engine or Apex.
 
 Without TE or Apex, megatron-core 0.19.2 runs plain-torch fallbacks in four places of
-every training step, and a fifth kernel recompiles whenever SAT's width changes. The
+every training step, a fifth kernel recompiles whenever SAT's width changes, and the
+norms and the loss run as several memory-bound passes where one would do. The
 fallbacks cost dense and SAT steps alike, but SAT more in proportion, because none of them
 shrinks with the omission rate. :func:`apply` replaces them
 (docs/performance.md has the measurements):
@@ -32,6 +33,12 @@ shrinks with the omission rate. :func:`apply` replaces them
 5. **SwiGLU with a runtime width** (:mod:`megatron_sat.swiglu`, CUDA with Triton): the
    kept MLP width changes at every LORS ladder, and megatron's compiled SwiGLU then
    compiles again (1-2 s a ladder); the Triton kernels take the width as an argument.
+6. **RMSNorm** (:mod:`megatron_sat.fused_rmsnorm`, CUDA with Triton):
+   :class:`~megatron_sat.norm.TorchNorm` calls Triton kernels whose backward also reduces
+   the weight gradient (torch's reads the activations twice).
+7. **Cross-entropy** (:mod:`megatron_sat.fused_cross_entropy`, CUDA with Triton):
+   megatron's ``--cross-entropy-fusion-impl native`` (a chain of compiled passes keeping an
+   fp32 softmax) becomes one pass over the logits forward and one backward.
 
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
@@ -77,11 +84,29 @@ def apply() -> list[str]:
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        from megatron_sat import swiglu
+        import megatron.core.models.common.language_module.language_module as language_module
+
+        from megatron_sat import fused_cross_entropy, fused_rmsnorm, norm, swiglu
 
         swiglu.install()
         installed.append("width-generic SwiGLU")
+        norm.RMS_NORM = fused_rmsnorm.rms_norm
+        installed.append("Triton RMSNorm")
+        language_module.fused_vocab_parallel_cross_entropy = _on_cuda(
+            fused_cross_entropy.vocab_parallel_cross_entropy,
+            language_module.fused_vocab_parallel_cross_entropy)
+        installed.append("Triton cross-entropy")
     return installed
+
+
+def _on_cuda(kernel_fn, fallback):
+    """``kernel_fn`` for CUDA logits, ``fallback`` (megatron's function) otherwise."""
+
+    @functools.wraps(kernel_fn)
+    def fn(logits, *args):
+        return (kernel_fn if logits.is_cuda else fallback)(logits, *args)
+
+    return fn
 
 
 def compiled_rope(rope_fn, backend: str = "inductor"):

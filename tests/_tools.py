@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +25,16 @@ def load_script(path: Path) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_interpreted(script: str, out: Path) -> dict:
+    """``tests/<script> OUT`` in a subprocess with Triton's CPU interpreter: the JSON it
+    writes to ``out``. The Triton kernels' tests run this way in CI (no GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, str(REPO / "tests" / script), str(out)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def load_tool(name: str) -> ModuleType:

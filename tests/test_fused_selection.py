@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tools import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,13 +26,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("fused_selection") / "records.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "fused_selection_cases.py"),
-                          str(out)], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_interpreted("fused_selection_cases.py", tmp_path_factory.mktemp("fused_selection") / "records.json")
 
 
 def _assert_cases(cases, near_ties=0):

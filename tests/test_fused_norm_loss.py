@@ -1,0 +1,136 @@
+"""The Triton RMSNorm (``megatron_sat/fused_rmsnorm.py``) and cross-entropy
+(``megatron_sat/fused_cross_entropy.py``) against float64 torch references.
+
+In CI the kernels run in Triton's CPU interpreter on small fp32 shapes (rows that do not
+fill the backward's programs evenly, hidden sizes that are not powers of two, vocabularies
+over several blocks, targets outside the vocabulary, the loss split over two gloo ranks);
+the ``cuda`` tests repeat them in bf16 at the benchmark models' shapes and check that
+``torch_fusions.apply`` puts them in megatron's path.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tools import run_interpreted
+
+ROOT = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    return run_interpreted("fused_norm_loss_cases.py", tmp_path_factory.mktemp("fused_norm_loss") / "records.json")
+
+
+def _close(err: dict, rel: float) -> bool:
+    return err["finite"] and err["max_abs"] <= rel * err["scale"]
+
+
+def test_rmsnorm_forward_and_both_gradients(interpreted):
+    assert [r["case"].split()[1] for r in interpreted["norm"]] == [
+        "[7,", "[33,", "[5,", "[2,"]
+    for r in interpreted["norm"]:
+        assert r["dtype_kept"], r
+        for out in ("y", "dx", "dw"):
+            assert _close(r[out], 1e-6), (r["case"], out, r[out])
+    assert interpreted["norm"][2]["dx"]["shape"] == [5, 3, 64]
+    assert interpreted["norm"][2]["dw"]["shape"] == [64]
+
+
+def test_cross_entropy_loss_and_gradient(interpreted):
+    assert len(interpreted["loss"]) == 3
+    for r in interpreted["loss"]:
+        assert r["loss_dtype"] == "torch.float32" and r["grad_dtype_kept"], r
+        assert _close(r["loss"], 1e-6), r
+        assert _close(r["grad"], 1e-6), r
+
+
+def test_cross_entropy_split_over_tensor_parallel_ranks(interpreted):
+    """Each of two ranks holds half the vocabulary: the same loss as the whole vocabulary,
+    and its half of the whole gradient."""
+    assert [r["case"] for r in interpreted["tp"]] == ["ce tp2 rank0", "ce tp2 rank1"]
+    for r in interpreted["tp"]:
+        assert r["loss"]["shape"] == [3, 4] and r["grad"]["shape"] == [3, 4, 3000]
+        assert _close(r["loss"], 1e-6) and _close(r["grad"], 1e-6), r
+
+
+def test_cross_entropy_rejects_mismatched_targets():
+    pytest.importorskip("triton")
+    from megatron_sat.fused_cross_entropy import vocab_parallel_cross_entropy
+
+    with pytest.raises(ValueError, match="target shape"):
+        vocab_parallel_cross_entropy(torch.zeros(4, 2, 10), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_rms_norm_dispatch_leaves_cpu_inputs_to_torch():
+    """Off the GPU (and for what the kernels do not take) ``rms_norm`` is F.rms_norm."""
+    pytest.importorskip("triton")
+    from megatron_sat.fused_rmsnorm import rms_norm
+
+    x, w = torch.randn(4, 8), torch.rand(8)
+    assert torch.equal(rms_norm(x, (8,), w, 1e-5),
+                       torch.nn.functional.rms_norm(x, (8,), w, 1e-5))
+
+
+def _within_bf16_rounding(err: dict, floor: float) -> bool:
+    """At most ~one bf16 ulp of the largest value, or ``floor`` of it."""
+    return err["finite"] and err["max_abs"] <= max(2 ** -7, floor) * err["scale"]
+
+
+@cuda
+def test_cuda_rmsnorm_bf16_at_model_shapes():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fused_norm_loss_cases import norm_records
+
+    records = norm_records([(4096, 2, 2048), (1024, 4096), (3, 5120), (333, 8192)],
+                           device="cuda", dtype=torch.bfloat16)
+    for r in records:
+        assert r["dtype_kept"], r
+        for out in ("y", "dx", "dw"):
+            assert _within_bf16_rounding(r[out], 0), (r["case"], out, r[out])
+
+
+@cuda
+def test_cuda_cross_entropy_bf16_at_model_shapes():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fused_norm_loss_cases import loss_records
+
+    records = loss_records([((2048, 2), 32000, False), ((1000,), 32064, True),
+                            ((7, 3), 50257, True)], device="cuda", dtype=torch.bfloat16)
+    for r in records:
+        assert r["grad_dtype_kept"], r
+        assert _close(r["loss"], 1e-5), r
+        assert _within_bf16_rounding(r["grad"], 0), r
+
+
+_INSTALLED_CHECK = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from megatron_sat import fused_cross_entropy, fused_rmsnorm, norm, torch_fusions
+import megatron.core.models.common.language_module.language_module as language_module
+
+installed = torch_fusions.apply()
+print(json.dumps({
+    "installed": installed,
+    "norm": norm.RMS_NORM is fused_rmsnorm.rms_norm,
+    "loss": language_module.fused_vocab_parallel_cross_entropy.__wrapped__
+    is fused_cross_entropy.vocab_parallel_cross_entropy}))
+"""
+
+
+@cuda
+def test_cuda_torch_fusions_put_the_kernels_in_megatrons_path():
+    """In a fresh process (``apply`` changes megatron's module attributes for good)."""
+    run = subprocess.run([sys.executable, "-c", _INSTALLED_CHECK, str(ROOT)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rec = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"Triton RMSNorm", "Triton cross-entropy"} <= set(rec["installed"]), rec
+    assert rec["norm"] and rec["loss"], rec
