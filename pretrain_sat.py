@@ -28,11 +28,12 @@ from megatron_sat.spec import get_sat_block_spec
 from megatron_sat.throughput import ThroughputMeter, meter_from_args
 from megatron_sat.vocab import ConversionError, check_tokenizer_fits_checkpoint
 
-from megatron.core import mpu, tensor_parallel
+from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.enums import ModelType
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.training import (get_args, get_tensorboard_writer, get_timers, get_tokenizer,
                                pretrain)
@@ -183,18 +184,70 @@ train_valid_test_datasets_provider.is_distributed = True
 # ----------------------------------------------------------------------------- step
 
 
+BATCH_KEYS = {"tokens": torch.int64, "labels": torch.int64, "position_ids": torch.int64,
+              "loss_mask": torch.float32}
+
+
 def _get_batch(data_iterator, vp_stage=None) -> dict:
-    """This micro-batch on every tensor-parallel rank (read on rank 0, broadcast)."""
+    """This micro-batch on every tensor-parallel rank (read on rank 0, broadcast).
+
+    Without a host synchronisation: the tensors are copied to the GPU asynchronously
+    (megatron's loader pins them) and broadcast with the shapes every rank knows,
+    [micro-batch, sequence] ([micro-batch, 1, sequence, sequence] for an attention mask).
+    megatron's ``broadcast_data`` instead exchanges the shapes through the GPU and copies
+    synchronously, so the host waits for the previous micro-batch's backward to finish
+    and the GPU then idles while the host issues the forward (docs/performance.md).
+    """
     if not is_first_or_last_pipeline_stage(vp_stage):
         return {}
     args = get_args()
-    data = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else None
-    batch = tensor_parallel.broadcast_data(["tokens", "labels", "position_ids"], data,
-                                           torch.int64)
-    batch.update(tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32))
+    shape = (args.micro_batch_size, args.seq_length)
+    shapes = {key: (shape, dtype) for key, dtype in BATCH_KEYS.items()}
     if args.create_attention_mask_in_dataloader:
-        batch.update(tensor_parallel.broadcast_data(["attention_mask"], data, torch.bool))
+        shapes["attention_mask"] = ((shape[0], 1, shape[1], shape[1]), torch.bool)
+    device = torch.cuda.current_device()
+    group = mpu.get_tensor_model_parallel_group()
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        data = next(data_iterator)
+        batch = {}
+        for key, (size, dtype) in shapes.items():
+            if tuple(data[key].shape) != size:
+                raise ValueError(f"batch '{key}' has shape {tuple(data[key].shape)}, expected "
+                                 f"{size} from --micro-batch-size and --seq-length")
+            batch[key] = data[key].to(device=device, dtype=dtype, non_blocking=True)
+    else:
+        batch = {key: torch.empty(size, dtype=dtype, device=device)
+                 for key, (size, dtype) in shapes.items()}
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        source = torch.distributed.get_process_group_ranks(group)[0]
+        for key in shapes:
+            torch.distributed.broadcast(batch[key], source, group=group)
     return batch
+
+
+class IterationLosses:
+    """megatron's NaN check of the forward loss (``--check-for-nan-in-loss-and-grad``),
+    once per training iteration instead of once per micro-batch.
+
+    The check reads the loss on the host, which waits for the GPU; megatron's own
+    ``pretrain_gpt.py`` does it in every micro-batch, and after each such wait the GPU
+    idles while the host issues the next kernels (docs/performance.md). Here the losses of
+    an iteration are kept on the GPU and their sum -- NaN if any is -- is checked at the
+    iteration's last micro-batch, still inside the forward-backward pass, so megatron's
+    rerun state machine can replay the iteration as before.
+    """
+
+    def __init__(self):
+        self.pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, micro_batches: int) -> torch.Tensor | None:
+        """Keep ``loss``; at the ``micro_batches``-th, return the sum of all and start over."""
+        self.pending.append(loss.detach())
+        if len(self.pending) < micro_batches:
+            return None
+        total = torch.stack(self.pending).sum()
+        self.pending = []
+        return total
 
 
 class _Run:
@@ -202,6 +255,7 @@ class _Run:
 
     sat_config: SATConfig
     meter: ThroughputMeter | None = None  # built at the first training forward
+    losses = IterationLosses()
 
 
 def _start_micro_batch(args: argparse.Namespace) -> float:
@@ -226,9 +280,13 @@ def loss_func(loss_mask: torch.Tensor, rate: float | None, output_tensor: torch.
     loss = torch.sum(output_tensor.view(-1).float() * mask)
     num_tokens = mask.sum().to(torch.int)
     if args.check_for_nan_in_loss_and_grad:
-        get_rerun_state_machine().validate_result(
-            result=loss, rejection_func=torch.isnan,
-            message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
+        # training: once per iteration (IterationLosses); evaluation: every micro-batch
+        checked = loss if rate is None else _Run.losses.add(loss, get_num_microbatches())
+        if checked is not None:
+            get_rerun_state_machine().validate_result(
+                result=checked, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
+                message="found NaN in local forward loss calculation"
+                + ("" if rate is None else " (summed over the iteration's micro-batches)"))
     count = num_tokens.float().view(1)
     report = {"lm loss": torch.cat([loss.detach().view(1), count])}
     if rate is not None:

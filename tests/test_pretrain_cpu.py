@@ -8,6 +8,7 @@ The ``e2e`` tests launch ``torchrun`` with a tiny GPT (see ``_launch.py``); each
 from __future__ import annotations
 
 import pytest
+import torch
 
 from _launch import (MOCK_DATA, REPO, TINY_GPT, TRAINING, Run, pretrain, read_tensorboard,
                      run_script)
@@ -212,3 +213,16 @@ def test_tokenizer_that_does_not_fit_the_checkpoint_fails_early(runs, workdir, t
             "--tensor-model-parallel-size 1, but the checkpoint in --load "
             f"{workdir / 'tp1-checkpoint'} has 256 embedding rows") in result.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_forward_losses_are_checked_once_per_iteration():
+    """The NaN check sees the sum of an iteration's micro-batch losses at its last one:
+    NaN if any was NaN; the next iteration starts afresh."""
+    from pretrain_sat import IterationLosses
+
+    losses = IterationLosses()
+    assert losses.add(torch.tensor(1.0), 2) is None
+    assert losses.add(torch.tensor(2.0), 2).item() == 3.0
+    assert losses.add(torch.tensor(float("nan")), 2) is None
+    assert torch.isnan(losses.add(torch.tensor(1.0), 2))
+    assert losses.add(torch.tensor(5.0), 1).item() == 5.0
