@@ -15,7 +15,13 @@ iteration this reports:
 * ``gpu_idle_by_op_ms``: the GPU's idle gaps (>= 20 us) by what the host was doing: each
   gap is charged to the host operation that launched the kernel ending it (the outermost
   one under the step, e.g. ``aten::index_select`` or an autograd backward function), so
-  host-bound stretches show which code the GPU waited for.
+  host-bound stretches show which code the GPU waited for;
+* ``gpu_idle_by_pass_ms``: the same gaps by pass: ``backward`` when an autograd engine
+  function launched the kernel ending the gap, else ``forward/other``;
+* ``timeline``: the iteration in 20 equal slices, each with the GPU's busy fraction and
+  the median lead of the host (kernel start minus its launch: near zero where the GPU
+  waits for the host, large where the host runs ahead), and the largest gaps with their
+  offset in the iteration and the host's op stack.
 
     python benchmarks/profile_summary.py runs/x/torch_profile/rank-0.json.gz
 """
@@ -76,24 +82,66 @@ def _enclosing_ops(ops: list[dict], times: list[float]) -> list[list[str]]:
     return out
 
 
-def _idle_by_op(kernels: list[dict], launches: dict, cpu_ops: dict, min_us: float = 20.0,
-                top: int = 15) -> dict:
-    """GPU idle gaps charged to the host op that launched the kernel ending each gap."""
+def _gaps(kernels: list[dict], launches: dict, cpu_ops: dict,
+          min_us: float = 20.0) -> list[tuple[float, float, list[str]]]:
+    """GPU idle gaps (>= ``min_us``): (start us, length us, the host op stack, outermost
+    first, of the launch of the kernel that ends the gap)."""
     gaps, end = [], None
     for k in sorted(kernels, key=lambda k: k["ts"]):
         if end is not None and k["ts"] - end >= min_us:
             launch = launches.get(k.get("args", {}).get("correlation"))
             if launch is not None:
-                gaps.append((launch["tid"], launch["ts"], k["ts"] - end))
+                gaps.append((launch["tid"], launch["ts"], end, k["ts"] - end))
         end = k["ts"] + k["dur"] if end is None else max(end, k["ts"] + k["dur"])
-    by_op = defaultdict(float)
+    out = []
     for tid in {g[0] for g in gaps}:
         mine = sorted((g for g in gaps if g[0] == tid), key=lambda g: g[1])
         names = _enclosing_ops(cpu_ops.get(tid, []), [g[1] for g in mine])
-        for (_, _, gap), chain in zip(mine, names):
-            chain = [n for n in chain if not n.startswith("ProfilerStep#")]
-            by_op[chain[0][:90] if chain else "(no op)"] += gap / 1e3
+        for (_, _, start, gap), chain in zip(mine, names):
+            out.append((start, gap, [n for n in chain if not n.startswith("ProfilerStep#")]))
+    return sorted(out)
+
+
+def _idle_by_op(gaps, top: int = 15) -> dict:
+    """GPU idle gaps charged to the host op that launched the kernel ending each gap."""
+    by_op = defaultdict(float)
+    for _, gap, chain in gaps:
+        by_op[chain[0][:90] if chain else "(no op)"] += gap / 1e3
     return dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:top])
+
+
+def _idle_by_pass(gaps) -> dict:
+    by_pass = defaultdict(float)
+    for _, gap, chain in gaps:
+        backward = any(n.startswith("autograd::engine") for n in chain)
+        by_pass["backward" if backward else "forward/other"] += gap / 1e3
+    return dict(by_pass)
+
+
+def _timeline(kernels: list[dict], launches: dict, gaps, start: float, stop: float,
+              slices: int = 20, top: int = 12) -> dict:
+    """Busy fraction and median host lead per slice of [start, stop]; the largest gaps."""
+    width = (stop - start) / slices
+    busy, leads = [0.0] * slices, [[] for _ in range(slices)]
+    for k in kernels:
+        a, b = k["ts"], k["ts"] + k["dur"]
+        first, last = int((a - start) // width), int((b - start) // width)
+        for i in range(max(0, first), min(slices, last + 1)):
+            lo, hi = start + i * width, start + (i + 1) * width
+            busy[i] += max(0.0, min(b, hi) - max(a, lo))
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        i = int((a - start) // width)
+        if launch is not None and 0 <= i < slices:
+            leads[i].append(a - launch["ts"])
+    return {
+        "slice_ms": width / 1e3,
+        "busy_fraction": [round(b / width, 3) for b in busy],
+        "median_host_lead_ms": [round(sorted(x)[len(x) // 2] / 1e3, 3) if x else None
+                                for x in leads],
+        "largest_gaps": [{"at_ms": round((t - start) / 1e3, 2), "gap_ms": round(g / 1e3, 3),
+                          "host_ops": [n[:70] for n in chain[:4]]}
+                         for t, g, chain in sorted(gaps, key=lambda x: -x[1])[:top]],
+    }
 
 
 _SYNC = re.compile(r"Synchronize|cudaMemcpy(?!Async)|cudaStreamWaitEvent", re.I)
@@ -136,6 +184,7 @@ def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) 
     out = []
     for i, (start, stop, name) in enumerate(steps):
         ks = kernels[i]
+        gaps = _gaps(ks, launches, cpu_ops)
         by_cat, by_name = defaultdict(float), defaultdict(float)
         for k in ks:
             by_cat[category(k["name"])] += k["dur"] / 1e3
@@ -150,7 +199,9 @@ def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) 
             "kernel_launches": len(ks),
             "by_category_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:top]),
-            "gpu_idle_by_op_ms": _idle_by_op(ks, launches, cpu_ops),
+            "gpu_idle_by_op_ms": _idle_by_op(gaps),
+            "gpu_idle_by_pass_ms": _idle_by_pass(gaps),
+            "timeline": _timeline(ks, launches, gaps, start, stop),
         })
     return {"trace": str(path), "steps": out}
 

@@ -12,7 +12,8 @@ from megatron_sat.config import SATConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_step import timed_iterations  # noqa: E402
-from profile_summary import _enclosing_ops, _idle_by_op  # noqa: E402
+from profile_summary import (_enclosing_ops, _gaps, _idle_by_op, _idle_by_pass,  # noqa: E402
+                             _timeline)
 
 
 def test_timed_iterations_skip_warmup_and_the_first_after_each_switch():
@@ -64,4 +65,13 @@ def test_idle_gaps_are_charged_to_the_op_that_launched_the_next_kernel():
                {"ts": 400, "dur": 5, "args": {"correlation": 4}}]    # gap 250 us
     launches = {1: {"tid": 1, "ts": 1}, 2: {"tid": 1, "ts": 121}, 3: {"tid": 1, "ts": 122},
                 4: {"tid": 1, "ts": 301}}
-    assert _idle_by_op(kernels, launches, ops) == {"aten::sort": 0.25, "SubsetMatmul": 0.03}
+    gaps = _gaps(kernels, launches, ops)
+    assert gaps == [(100, 30, ["SubsetMatmul", "aten::mm"]), (150, 250, ["aten::sort"])]
+    assert _idle_by_op(gaps) == {"aten::sort": 0.25, "SubsetMatmul": 0.03}
+    backward = [(0, 40, ["autograd::engine::evaluate_function: MmBackward0", "aten::mm"])]
+    assert _idle_by_pass(gaps + backward) == {"forward/other": 0.28, "backward": 0.04}
+    line = _timeline(kernels, launches, gaps, 0, 1000, slices=4)
+    # slice 0 [0, 250): busy 100 + 10 + 5 us, leads -1, 9, 23 us; slice 1: the kernel at 400
+    assert line["busy_fraction"] == [0.46, 0.02, 0.0, 0.0]
+    assert line["median_host_lead_ms"][:2] == [0.009, 0.099]
+    assert line["largest_gaps"][0] == {"at_ms": 0.15, "gap_ms": 0.25, "host_ops": ["aten::sort"]}
