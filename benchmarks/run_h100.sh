@@ -22,7 +22,8 @@ part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part check; then
   # the log goes to a file: a call's returned output is cut to its tail
   step -m pytest -v -p no:cacheprovider tests/test_torch_fusions.py \
-    tests/test_sparse_kernels.py tests/test_fused_selection.py -k cuda > "$OUT/check.log" 2>&1
+    tests/test_sparse_kernels.py tests/test_fused_selection.py tests/test_fused_norm_loss.py \
+    -k cuda > "$OUT/check.log" 2>&1
   grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/check.log"
 fi
 if part kernels; then

@@ -126,6 +126,7 @@ sat_add_llama_args() {
     --untie-embeddings-and-output-weights --disable-bias-linear
     --attention-dropout 0 --hidden-dropout 0
     --no-rope-fusion --no-persist-layer-norm
+    --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
   )
 }
 
