@@ -188,12 +188,13 @@ BATCH_KEYS = {"tokens": torch.int64, "labels": torch.int64, "position_ids": torc
               "loss_mask": torch.float32}
 
 
-def _get_batch(data_iterator, vp_stage=None) -> dict:
+def _get_batch(data_iterator, vp_stage=None, training: bool = True) -> dict:
     """This micro-batch on every tensor-parallel rank (read on rank 0, broadcast).
 
     Without a host synchronisation: the tensors are copied to the GPU asynchronously
     (megatron's loader pins them) and broadcast with the shapes every rank knows,
-    [micro-batch, sequence] ([micro-batch, 1, sequence, sequence] for an attention mask).
+    [micro-batch, sequence] ([micro-batch, 1, sequence, sequence] for an attention mask),
+    the micro-batch being ``--eval-micro-batch-size`` in evaluation.
     megatron's ``broadcast_data`` instead exchanges the shapes through the GPU and copies
     synchronously, so the host waits for the previous micro-batch's backward to finish
     and the GPU then idles while the host issues the forward (docs/performance.md).
@@ -201,7 +202,8 @@ def _get_batch(data_iterator, vp_stage=None) -> dict:
     if not is_first_or_last_pipeline_stage(vp_stage):
         return {}
     args = get_args()
-    shape = (args.micro_batch_size, args.seq_length)
+    shape = (args.micro_batch_size if training else args.eval_micro_batch_size,
+             args.seq_length)
     shapes = {key: (shape, dtype) for key, dtype in BATCH_KEYS.items()}
     if args.create_attention_mask_in_dataloader:
         shapes["attention_mask"] = ((shape[0], 1, shape[1], shape[1]), torch.bool)
@@ -212,8 +214,10 @@ def _get_batch(data_iterator, vp_stage=None) -> dict:
         batch = {}
         for key, (size, dtype) in shapes.items():
             if tuple(data[key].shape) != size:
+                # the other tensor-parallel ranks wait in the broadcast until they time out
                 raise ValueError(f"batch '{key}' has shape {tuple(data[key].shape)}, expected "
-                                 f"{size} from --micro-batch-size and --seq-length")
+                                 f"{size} from --micro-batch-size (--eval-micro-batch-size "
+                                 f"in evaluation) and --seq-length")
             batch[key] = data[key].to(device=device, dtype=dtype, non_blocking=True)
     else:
         batch = {key: torch.empty(size, dtype=dtype, device=device)
@@ -239,9 +243,14 @@ class IterationLosses:
 
     def __init__(self):
         self.pending: list[torch.Tensor] = []
+        self.iteration: int | None = None
 
-    def add(self, loss: torch.Tensor, micro_batches: int) -> torch.Tensor | None:
-        """Keep ``loss``; at the ``micro_batches``-th, return the sum of all and start over."""
+    def add(self, loss: torch.Tensor, micro_batches: int,
+            iteration: int | None = None) -> torch.Tensor | None:
+        """Keep ``loss``; at the ``micro_batches``-th of ``iteration``, return the sum of all
+        and start over (a new iteration also starts over)."""
+        if iteration != self.iteration:
+            self.pending, self.iteration = [], iteration
         self.pending.append(loss.detach())
         if len(self.pending) < micro_batches:
             return None
@@ -281,7 +290,8 @@ def loss_func(loss_mask: torch.Tensor, rate: float | None, output_tensor: torch.
     num_tokens = mask.sum().to(torch.int)
     if args.check_for_nan_in_loss_and_grad:
         # training: once per iteration (IterationLosses); evaluation: every micro-batch
-        checked = loss if rate is None else _Run.losses.add(loss, get_num_microbatches())
+        checked = loss if rate is None else _Run.losses.add(
+            loss, get_num_microbatches(), args.curr_iteration)
         if checked is not None:
             get_rerun_state_machine().validate_result(
                 result=checked, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
@@ -303,7 +313,7 @@ def forward_step(data_iterator, model, vp_stage=None):
     rate = _start_micro_batch(get_args()) if model.training else None
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    batch = _get_batch(data_iterator, vp_stage)
+    batch = _get_batch(data_iterator, vp_stage, model.training)
     timers("batch-generator").stop()
     output_tensor = model(batch.get("tokens"), batch.get("position_ids"),
                           batch.get("attention_mask"), labels=batch.get("labels"))

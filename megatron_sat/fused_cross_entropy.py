@@ -16,8 +16,10 @@ the backward, instead of an fp32 copy of the softmax.
 With tensor parallelism each rank holds V/tp columns: the kernel returns every row's local
 maximum, sum of exponentials and target logit (0 where the target lies on another rank);
 the maxima are all-reduced (MAX), the sums rescaled to the global maximum and all-reduced
-with the target logits (SUM), as megatron does. Targets outside [0, V) give
-loss = log-sum-exp, as in megatron (which has no ignore index: the loss mask does it).
+with the target logits (SUM), as megatron does. A target outside [0, V) has no target
+logit: its loss is the log-sum-exp (megatron's, which has no ignore index either, is the
+log-sum-exp minus the row maximum); either way the loss mask is what removes such tokens,
+and the gradient, softmax, is the same.
 
 :func:`vocab_parallel_cross_entropy` takes megatron's arguments; ``torch_fusions.apply``
 installs it on CUDA when Triton is importable. Arithmetic is fp32; the gradient is rounded

@@ -7,6 +7,8 @@ The ``e2e`` tests launch ``torchrun`` with a tiny GPT (see ``_launch.py``); each
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -226,3 +228,24 @@ def test_forward_losses_are_checked_once_per_iteration():
     assert losses.add(torch.tensor(float("nan")), 2) is None
     assert torch.isnan(losses.add(torch.tensor(1.0), 2))
     assert losses.add(torch.tensor(5.0), 1).item() == 5.0
+    # a pass cut short (an earlier iteration's pending loss) does not leak into the next
+    assert losses.add(torch.tensor(1.0), 2, iteration=7) is None
+    assert losses.add(torch.tensor(2.0), 2, iteration=8) is None
+    assert losses.add(torch.tensor(3.0), 2, iteration=8).item() == 5.0
+
+
+@pytest.mark.e2e
+def test_evaluation_with_its_own_micro_batch_size(tmp_path):
+    """Batches in evaluation have --eval-micro-batch-size rows: the same validation (and
+    test) sequences in micro-batches of 1 give the losses of micro-batches of 2."""
+    evaluate = ["--train-iters", "4", "--eval-interval", "4", "--eval-iters", "2"]
+    losses = {}
+    for mbs in (1, 2):
+        run = pretrain(1, NO_DROPOUT + evaluate + ["--eval-micro-batch-size", str(mbs)],
+                       tmp_path / f"eval{mbs}")
+        assert run.returncode == 0, run.output[-3000:]
+        # the periodic evaluation, then the final ones on the validation and test sets
+        losses[mbs] = [float(v) for v in re.findall(
+            r"validation loss at iteration 4 [^|]*\| lm loss value: ([0-9.E+-]+)", run.output)]
+        assert len(losses[mbs]) == 3, run.output[-3000:]
+    assert losses[1] == pytest.approx(losses[2], rel=1e-5)
