@@ -1,4 +1,5 @@
-"""Import the project's scripts (``tools/*.py``, ``examples/...``) as modules in tests."""
+"""Helpers for the tests: import the project's scripts (``tools/*.py``, ``examples/...``) as
+modules, and run the Triton kernels' case scripts in the CPU interpreter."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +30,12 @@ def load_script(path: Path) -> ModuleType:
     return module
 
 
-def run_interpreted(script: str, out: Path) -> dict:
+def run_interpreted(script: str, tmp_path_factory) -> dict:
     """``tests/<script> OUT`` in a subprocess with Triton's CPU interpreter: the JSON it
-    writes to ``out``. The Triton kernels' tests run this way in CI (no GPU)."""
+    writes to OUT, a file under pytest's ``tmp_path_factory``. The Triton kernels' tests
+    run this way in CI (no GPU); skipped without Triton."""
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp(Path(script).stem) / "records.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, str(REPO / "tests" / script), str(out)], env=env,
                          capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -25,8 +25,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    pytest.importorskip("triton")
-    return run_interpreted("fused_norm_loss_cases.py", tmp_path_factory.mktemp("fused_norm_loss") / "records.json")
+    return run_interpreted("fused_norm_loss_cases.py", tmp_path_factory)
 
 
 def _close(err: dict, rel: float) -> bool:

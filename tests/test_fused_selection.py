@@ -25,8 +25,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    pytest.importorskip("triton")
-    return run_interpreted("fused_selection_cases.py", tmp_path_factory.mktemp("fused_selection") / "records.json")
+    return run_interpreted("fused_selection_cases.py", tmp_path_factory)
 
 
 def _assert_cases(cases, near_ties=0):
