@@ -19,6 +19,8 @@ Arithmetic is fp32 with one rounding of each output.
 :func:`rms_norm` has ``torch.nn.functional.rms_norm``'s arguments and uses the kernels for
 contiguous CUDA inputs whose weight has the input's dtype (``torch_fusions.apply`` makes
 :class:`~megatron_sat.norm.TorchNorm` call it); anything else goes to torch.
+:func:`rms_norm_with_residual` also returns x, whose gradient -- the residual stream's --
+the backward kernel adds to dx in the same pass (see :mod:`megatron_sat.norm`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from megatron_sat import norm
 
 MAX_HIDDEN = 16384  # one row per program step; wider rows go to torch
 
@@ -46,8 +50,8 @@ def _rms_norm_forward(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _rms_norm_backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, n,
-                       rows_per_program, BLOCK: tl.constexpr):
+def _rms_norm_backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dr_ptr, dx_ptr, dw_partial_ptr, rows,
+                       n, rows_per_program, BLOCK: tl.constexpr, HAS_DR: tl.constexpr):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     in_row = cols < n
@@ -63,6 +67,8 @@ def _rms_norm_backward(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, r
         x_hat = x * rstd
         w_dy = w * dy
         dx = rstd * (w_dy - x_hat * (tl.sum(x_hat * w_dy, axis=0) / n))
+        if HAS_DR:  # the residual stream's gradient (rms_norm_with_residual)
+            dx += tl.load(dr_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * n + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat
     tl.store(dw_partial_ptr + program * n + cols, dw, mask=in_row)
@@ -97,18 +103,31 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dr=None):
         x, weight, rstd = ctx.saved_tensors
         n = x.shape[-1]
         rows = rstd.numel()
         dy = dy.contiguous()
+        if dr is not None:
+            dr = dr.contiguous()
         rows_per_program = triton.cdiv(rows, min(rows, _programs(x.device)))
         programs = triton.cdiv(rows, rows_per_program)
         dx = torch.empty_like(x)
         dw_partial = torch.empty(programs, n, device=x.device, dtype=torch.float32)
-        _rms_norm_backward[(programs,)](dy, x, weight, rstd, dx, dw_partial, rows, n,
-                                        rows_per_program, BLOCK=_block(n), num_warps=_warps(n))
+        _rms_norm_backward[(programs,)](dy, x, weight, rstd, dy if dr is None else dr, dx,
+                                        dw_partial, rows, n, rows_per_program,
+                                        BLOCK=_block(n), HAS_DR=dr is not None,
+                                        num_warps=_warps(n))
         return dx, dw_partial.sum(0).to(weight.dtype), None
+
+
+class _RMSNormWithResidual(_RMSNorm):
+    """(y, x): the second output is x itself, so its gradient (the residual stream's)
+    arrives in this backward and is added in the same pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        return _RMSNorm.forward(ctx, x, weight, eps), x.view_as(x)
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,12 +135,31 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return _RMSNorm.apply(x, weight, eps)
 
 
+def fused_rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x), the kernels adding x's gradient into the backward's dx."""
+    return _RMSNormWithResidual.apply(x, weight, eps)
+
+
+def _kernels_apply(x, normalized_shape, weight, eps) -> bool:
+    """A contiguous CUDA ``x`` normalised over its last dimension (at most ``MAX_HIDDEN``),
+    a weight of its dtype, a given eps."""
+    return (x.is_cuda and x.is_contiguous() and weight is not None and eps is not None
+            and weight.dtype == x.dtype and len(normalized_shape) == 1
+            and normalized_shape[0] == x.shape[-1] <= MAX_HIDDEN and x.numel() > 0)
+
+
 def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
              eps: float | None = None) -> torch.Tensor:
-    """``F.rms_norm`` on the kernels where they apply: a contiguous CUDA ``x`` normalised
-    over its last dimension (at most ``MAX_HIDDEN``), a weight of its dtype, a given eps."""
-    if (x.is_cuda and x.is_contiguous() and weight is not None and eps is not None
-            and weight.dtype == x.dtype and len(normalized_shape) == 1
-            and normalized_shape[0] == x.shape[-1] <= MAX_HIDDEN and x.numel() > 0):
+    """``F.rms_norm`` on the kernels where they apply, torch's otherwise."""
+    if _kernels_apply(x, normalized_shape, weight, eps):
         return fused_rms_norm(x, weight, eps)
     return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def rms_norm_with_residual(x: torch.Tensor, normalized_shape, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`megatron_sat.norm.rms_norm_with_residual` on the kernels where they apply."""
+    if _kernels_apply(x, normalized_shape, weight, eps):
+        return fused_rms_norm_with_residual(x, weight, eps)
+    return norm.rms_norm_with_residual(x, normalized_shape, weight, eps)

@@ -10,6 +10,19 @@ those of ``WrappedTorchNorm``.
 
 RMSNorm calls :data:`RMS_NORM`, torch's ``F.rms_norm``, which ``torch_fusions.apply``
 points at the Triton kernels of :mod:`megatron_sat.fused_rmsnorm` on a GPU.
+
+**The residual stream's gradient.** In a pre-norm layer the stream h feeds the norm and,
+as the residual, the add after the attention or MLP. Its gradient is therefore the sum of
+two: autograd adds them with one elementwise pass over the hidden states for each of a
+layer's two norms (88 adds, 11.4 ms of the TinyLlama step at micro-batch 16 on an H100,
+docs/performance.md). megatron-core's ``TransformerLayer`` accepts a norm that returns
+``(output, residual)`` and then adds that residual instead of h. A layer norm built with
+``residual_output=True`` (the SAT layer spec's two) returns ``(rms_norm(h), h)`` from one
+autograd function when :data:`RMS_NORM_WITH_RESIDUAL` is set (by ``torch_fusions.apply``),
+so both gradients arrive in its backward, which adds them: in the Triton kernel's pass on
+a GPU (one read of the residual gradient instead of an add's three tensors), with torch
+here (:func:`rms_norm_with_residual`, the reference). Unset, or without grad, the norm
+returns its output alone, as before.
 """
 
 from __future__ import annotations
@@ -19,6 +32,34 @@ import torch.nn.functional as F
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 RMS_NORM = F.rms_norm  # F.rms_norm's signature; replaced by torch_fusions.apply
+RMS_NORM_WITH_RESIDUAL = None  # rms_norm_with_residual's signature; set by torch_fusions
+
+
+class _RMSNormWithResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, x.shape[-1:], weight, eps), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy, dr):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            dx, dw = torch.autograd.grad(F.rms_norm(x_, x.shape[-1:], w_, ctx.eps), (x_, w_),
+                                         dy)
+        return (dx if dr is None else dx + dr), dw, None
+
+
+def rms_norm_with_residual(x: torch.Tensor, normalized_shape, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.rms_norm(x, ...), x)`` as one autograd function: x's gradient is the norm's
+    input gradient plus the second output's (the residual stream's)."""
+    if tuple(normalized_shape) != tuple(x.shape[-1:]):
+        raise ValueError(f"rms_norm_with_residual normalises the last dimension "
+                         f"({x.shape[-1]}), not {tuple(normalized_shape)}")
+    return _RMSNormWithResidual.apply(x, weight, eps)
 
 
 class TorchNorm(torch.nn.Module):
@@ -28,9 +69,12 @@ class TorchNorm(torch.nn.Module):
         config: megatron's ``TransformerConfig``.
         hidden_size: size of the normalised (last) dimension.
         eps: added to the variance for numerical stability.
+        residual_output: a layer's input or pre-MLP norm, whose input is also the layer's
+            residual: return ``(output, residual)`` (see the module docstring).
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5,
+                 residual_output: bool = False):
         super().__init__()
         if config.normalization not in NORMALIZATIONS:
             raise ValueError(f"--normalization {config.normalization} is not supported by "
@@ -40,6 +84,11 @@ class TorchNorm(torch.nn.Module):
                              "by TorchNorm")
         self.normalization = config.normalization
         self.eps = eps
+        # megatron recomputes a norm selected in --recompute-modules through a checkpoint
+        # that expects one output tensor
+        recomputed = (config.recompute_modules or []
+                      if config.recompute_granularity == "selective" else [])
+        self.residual_output = residual_output and "layernorm" not in recomputed
         self.shape = (hidden_size,)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
         self.bias = (torch.nn.Parameter(torch.zeros(hidden_size))
@@ -47,9 +96,12 @@ class TorchNorm(torch.nn.Module):
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         if self.normalization == "LayerNorm":
             return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        if (self.residual_output and RMS_NORM_WITH_RESIDUAL is not None
+                and torch.is_grad_enabled() and x.requires_grad):
+            return RMS_NORM_WITH_RESIDUAL(x, self.shape, self.weight, self.eps)
         return RMS_NORM(x, self.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:

@@ -46,6 +46,11 @@ from megatron_sat.norm import TorchNorm
 from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear
 
 
+# a layer's two norms also hand megatron the residual (norm.py: one backward pass adds the
+# residual stream's gradient); the block's final norm has no residual
+_LAYER_NORM = ModuleSpec(module=TorchNorm, params={"residual_output": True})
+
+
 def get_sat_layer_spec(sat_config: SATConfig, *, qk_layernorm: bool = False) -> ModuleSpec:
     """A ``TransformerLayer`` spec for megatron-core's GPTModel with SAT blocks."""
     qk_norm = TorchNorm if qk_layernorm else IdentityOp
@@ -71,10 +76,10 @@ def get_sat_layer_spec(sat_config: SATConfig, *, qk_layernorm: bool = False) -> 
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNorm,
+            input_layernorm=_LAYER_NORM,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm,
+            pre_mlp_layernorm=_LAYER_NORM,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # the same checkpoint keys as megatron-core's local and TE GPT specs

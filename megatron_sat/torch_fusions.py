@@ -1,7 +1,7 @@
 """Torch stand-ins for the fused kernels megatron-core takes from Transformer Engine or Apex.
 
-Without TE or Apex, megatron-core 0.19.2 runs plain-torch fallbacks in four places of
-every training step, a fifth kernel recompiles whenever SAT's width changes, and the
+Without TE or Apex, megatron-core 0.19.2 runs plain-torch fallbacks in five places of
+every training step, another kernel recompiles whenever SAT's width changes, and the
 norms and the loss run as several memory-bound passes where one would do. The
 fallbacks cost dense and SAT steps alike, but SAT more in proportion, because none of them
 shrinks with the omission rate. :func:`apply` replaces them
@@ -35,10 +35,21 @@ shrinks with the omission rate. :func:`apply` replaces them
    compiles again (1-2 s a ladder); the Triton kernels take the width as an argument.
 6. **RMSNorm** (:mod:`megatron_sat.fused_rmsnorm`, CUDA with Triton):
    :class:`~megatron_sat.norm.TorchNorm` calls Triton kernels whose backward also reduces
-   the weight gradient (torch's reads the activations twice).
+   the weight gradient (torch's reads the activations twice), and a layer's two norms hand
+   megatron the residual so that the backward pass also adds the residual stream's
+   gradient, which autograd added in a separate pass (:mod:`megatron_sat.norm`; with
+   torch off the GPU).
 7. **Cross-entropy** (:mod:`megatron_sat.fused_cross_entropy`, CUDA with Triton):
    megatron's ``--cross-entropy-fusion-impl native`` (a chain of compiled passes keeping an
    fp32 softmax) becomes one pass over the logits forward and one backward.
+8. **Gradient clipping**: megatron's local ``multi_tensor_scale`` stand-in runs
+   ``dst.copy_(src * scale)`` per parameter: two kernels and a temporary per tensor, about
+   400 launches and four passes over the fp32 gradients per clipped step. Replaced by one
+   ``torch._foreach_mul_`` (one pass, the same products bit for bit).
+9. **Host synchronisations** (:mod:`megatron_sat.host_syncs`): megatron's training loop
+   reads small GPU tensors on the host several times per iteration; the reads that carry no
+   information on one model-parallel rank are answered on the host, and the per-bucket
+   gradient NaN/Inf checks read the GPU once.
 
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
@@ -51,6 +62,8 @@ import importlib.util
 import types
 
 import torch
+
+from megatron_sat import host_syncs, norm
 
 _applied = False
 
@@ -65,6 +78,7 @@ def apply() -> list[str]:
     installed = []
     import megatron.core.models.common.embeddings.rope_utils as rope_utils
     import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as megatron_optimizer
     import megatron.core.tensor_parallel.layers as tp_layers
     import megatron.training.training as training
 
@@ -75,6 +89,10 @@ def apply() -> list[str]:
     if clip_grads.l2_norm_impl.__module__ == "megatron.core.utils":  # the local fallback
         clip_grads.l2_norm_impl = l2_norm
         installed.append("device gradient norm")
+    if clip_grads.multi_tensor_scale_impl.__module__ == "megatron.core.utils":
+        clip_grads.multi_tensor_scale_impl = scale_tensors
+        megatron_optimizer.multi_tensor_scale_impl = scale_tensors
+        installed.append("one-pass gradient clipping")
     if not tp_layers._grad_accum_fusion_available:
         installed.append("gradient-accumulation fusion")
         tp_layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
@@ -83,14 +101,18 @@ def apply() -> list[str]:
         tp_layers._grad_accum_fusion_available = True
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
+    installed += host_syncs.apply()
+    norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual  # the Triton one on a GPU
+    installed.append("residual gradient in the norm backward")
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
         import megatron.core.models.common.language_module.language_module as language_module
 
-        from megatron_sat import fused_cross_entropy, fused_rmsnorm, norm, swiglu
+        from megatron_sat import fused_cross_entropy, fused_rmsnorm, swiglu
 
         swiglu.install()
         installed.append("width-generic SwiGLU")
         norm.RMS_NORM = fused_rmsnorm.rms_norm
+        norm.RMS_NORM_WITH_RESIDUAL = fused_rmsnorm.rms_norm_with_residual
         installed.append("Triton RMSNorm")
         language_module.fused_vocab_parallel_cross_entropy = _on_cuda(
             fused_cross_entropy.vocab_parallel_cross_entropy,
@@ -133,6 +155,19 @@ def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t
                                  for t in tensors])
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
+    """``amp_C.multi_tensor_scale``'s call: ``dst = src * scale`` for each pair of
+    ``tensor_lists`` = [sources, destinations], in one multi-tensor pass (in place when
+    they are the same tensors, as in gradient clipping; a copy when the scale is 1)."""
+    sources, destinations = tensor_lists
+    if all(s is d for s, d in zip(sources, destinations)):
+        torch._foreach_mul_(destinations, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(destinations, sources)
+    else:
+        torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sat.fused_cross_entropy import vocab_parallel_cross_entropy
-from megatron_sat.fused_rmsnorm import fused_rms_norm
+from megatron_sat.fused_rmsnorm import fused_rms_norm, fused_rms_norm_with_residual
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
@@ -30,8 +30,10 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
             "shape": list(got.shape), "finite": bool(torch.isfinite(got).all())}
 
 
-def norm_records(shapes, device="cpu", dtype=torch.float32, eps=1e-5) -> list[dict]:
-    """y, dx, dw of the kernels against F.rms_norm in float64 (same inputs, same dy)."""
+def norm_records(shapes, device="cpu", dtype=torch.float32, eps=1e-5,
+                 residual=False) -> list[dict]:
+    """y, dx, dw of the kernels against F.rms_norm in float64 (same inputs, same dy).
+    ``residual``: the norm that also returns x (gradient dr), so dx = the norm's + dr."""
     out = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
@@ -39,14 +41,22 @@ def norm_records(shapes, device="cpu", dtype=torch.float32, eps=1e-5) -> list[di
         x = (torch.randn(shape, generator=gen) * 3 + 0.5).to(device, dtype)
         w = (torch.rand(n, generator=gen) + 0.5).to(device, dtype)
         dy = torch.randn(shape, generator=gen).to(device, dtype)
+        dr = torch.randn(shape, generator=gen).to(device, dtype)
         xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = fused_rms_norm(xk, wk, eps)
-        y.backward(dy)
         xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
         yr = F.rms_norm(xr, (n,), wr, eps)
-        yr.backward(dy.double())
-        out.append({"case": f"rmsnorm {list(shape)} {dtype}", "dtype_kept": y.dtype == dtype,
-                    "y": _err(y, yr), "dx": _err(xk.grad, xr.grad), "dw": _err(wk.grad, wr.grad)})
+        record = {"case": f"rmsnorm {list(shape)} {dtype}" + (" residual" if residual else "")}
+        if residual:
+            y, r = fused_rms_norm_with_residual(xk, wk, eps)
+            record["r_is_x"] = torch.equal(r, x) and r.data_ptr() == xk.data_ptr()
+            torch.autograd.backward([y, r], [dy, dr])
+            torch.autograd.backward([yr, xr], [dy.double(), dr.double()])
+        else:
+            y = fused_rms_norm(xk, wk, eps)
+            y.backward(dy)
+            yr.backward(dy.double())
+        out.append({**record, "dtype_kept": y.dtype == dtype, "y": _err(y, yr),
+                    "dx": _err(xk.grad, xr.grad), "dw": _err(wk.grad, wr.grad)})
     return out
 
 
@@ -120,6 +130,7 @@ LOSS_CASES = [((4, 3), 100, False), ((6,), 5000, True), ((2, 2), 4096, True)]
 
 if __name__ == "__main__":
     record = {"norm": norm_records(NORM_SHAPES), "loss": loss_records(LOSS_CASES),
+              "norm_residual": norm_records(NORM_SHAPES[:2], residual=True),
               "tp": tensor_parallel_records()}
     with open(sys.argv[1], "w") as f:
         json.dump(record, f)

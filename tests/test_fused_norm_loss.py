@@ -43,6 +43,15 @@ def test_rmsnorm_forward_and_both_gradients(interpreted):
     assert interpreted["norm"][2]["dw"]["shape"] == [64]
 
 
+def test_rmsnorm_with_residual_adds_the_residual_gradient_in_its_backward(interpreted):
+    """(y, x) from one function: dx is the norm's input gradient plus x's own."""
+    assert len(interpreted["norm_residual"]) == 2
+    for r in interpreted["norm_residual"]:
+        assert r["r_is_x"], r
+        for out in ("y", "dx", "dw"):
+            assert _close(r[out], 1e-6), (r["case"], out, r[out])
+
+
 def test_cross_entropy_loss_and_gradient(interpreted):
     assert len(interpreted["loss"]) == 3
     for r in interpreted["loss"]:
@@ -88,10 +97,11 @@ def test_cuda_rmsnorm_bf16_at_model_shapes():
     sys.path.insert(0, str(ROOT / "tests"))
     from fused_norm_loss_cases import norm_records
 
-    records = norm_records([(4096, 2, 2048), (1024, 4096), (3, 5120), (333, 8192)],
-                           device="cuda", dtype=torch.bfloat16)
+    shapes = [(4096, 2, 2048), (1024, 4096), (3, 5120), (333, 8192)]
+    records = (norm_records(shapes, device="cuda", dtype=torch.bfloat16)
+               + norm_records(shapes[:2], device="cuda", dtype=torch.bfloat16, residual=True))
     for r in records:
-        assert r["dtype_kept"], r
+        assert r["dtype_kept"] and r.get("r_is_x", True), r
         for out in ("y", "dx", "dw"):
             assert _within_bf16_rounding(r[out], 0), (r["case"], out, r[out])
 
@@ -133,3 +143,48 @@ def test_cuda_torch_fusions_put_the_kernels_in_megatrons_path():
     rec = json.loads(run.stdout.strip().splitlines()[-1])
     assert {"Triton RMSNorm", "Triton cross-entropy"} <= set(rec["installed"]), rec
     assert rec["norm"] and rec["loss"], rec
+
+
+def test_torch_rms_norm_with_residual_is_the_reference():
+    """norm.rms_norm_with_residual (the CPU path of the layers' norms): the norm's output and
+    x itself; x's gradient is the norm's input gradient plus the residual's."""
+    from megatron_sat.norm import rms_norm_with_residual
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 4, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
+    dy, dr = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 4, 16, generator=gen)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y, r = rms_norm_with_residual(xk, (16,), wk, 1e-5)
+    torch.autograd.backward([y, r], [dy, dr])
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = torch.nn.functional.rms_norm(xr, (16,), wr, 1e-5)
+    torch.autograd.backward([yr, xr], [dy.double(), dr.double()])
+    assert torch.equal(r, x) and r.data_ptr() == xk.data_ptr()
+    torch.testing.assert_close(y.double(), yr, rtol=0, atol=1e-6)
+    torch.testing.assert_close(xk.grad.double(), xr.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(wk.grad.double(), wr.grad, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="last dimension"):
+        rms_norm_with_residual(xk, (4, 16), wk, 1e-5)
+
+
+def test_layer_norms_hand_megatron_the_residual_only_where_it_is_safe(monkeypatch):
+    import types
+
+    from megatron_sat import norm
+
+    config = types.SimpleNamespace(normalization="RMSNorm", layernorm_zero_centered_gamma=False,
+                                   sequence_parallel=False, recompute_granularity=None,
+                                   recompute_modules=None)
+    layer_norm = norm.TorchNorm(config, 8, residual_output=True)
+    final_norm = norm.TorchNorm(config, 8)
+    x = torch.randn(2, 8, requires_grad=True)
+    assert isinstance(layer_norm(x), torch.Tensor)  # hook unset (--no-sat-torch-fusions)
+    monkeypatch.setattr(norm, "RMS_NORM_WITH_RESIDUAL", norm.rms_norm_with_residual)
+    out, residual = layer_norm(x)
+    assert torch.equal(out, final_norm(x)) and residual.data_ptr() == x.data_ptr()
+    assert isinstance(final_norm(x), torch.Tensor)
+    with torch.no_grad():
+        assert isinstance(layer_norm(x), torch.Tensor)
+    assert isinstance(layer_norm(x.detach()), torch.Tensor)
+    config.recompute_granularity, config.recompute_modules = "selective", ["layernorm"]
+    assert isinstance(norm.TorchNorm(config, 8, residual_output=True)(x), torch.Tensor)

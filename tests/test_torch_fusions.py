@@ -13,7 +13,7 @@ import pytest
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
-from _launch import MOCK_DATA, TINY_GPT, TRAINING, pretrain, run_script
+from _launch import MOCK_DATA, TINY_GPT, TRAINING, pretrain, read_tensorboard, run_script
 from megatron_sat import torch_fusions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,24 @@ def test_l2_norm_is_the_norm_of_all_tensors_together():
     torch.testing.assert_close(got[0], want)
     with pytest.raises(NotImplementedError):
         torch_fusions.l2_norm(0, None, [tensors], True)
+
+
+def test_scale_tensors_equals_megatrons_per_tensor_scale_bit_for_bit():
+    from megatron.core.utils import local_multi_tensor_scale
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*shape, generator=gen) for shape in ((3, 5), (7,), (1000, 3))]
+    for scale in (0.37, 1.0, 3e-7):
+        want = [g.clone() for g in grads]
+        local_multi_tensor_scale(0, None, [want, want], scale)  # clipping: in place
+        got = [g.clone() for g in grads]
+        torch_fusions.scale_tensors(0, None, [got, got], scale)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), scale
+        copies = [torch.empty_like(g).bfloat16() for g in grads]  # this -> that, with a cast
+        want_copies = [torch.empty_like(c) for c in copies]
+        local_multi_tensor_scale(0, None, [grads, want_copies], scale)
+        torch_fusions.scale_tensors(0, None, [grads, copies], scale)
+        assert all(torch.equal(a, b) for a, b in zip(copies, want_copies)), scale
 
 
 def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad():
@@ -139,13 +157,24 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     second = pretrain(2, flags + save + ["--load", str(tmp_path / "ckpt")],
                       tmp_path / "tb-second", model=TINY_GPT_FUSED_WGRAD)
     assert second.returncode == 0, second.output[-6000:]
-    installed = ("[sat] torch fusions: device gradient norm, gradient-accumulation fusion, "
-                 "fused Adam")
-    assert installed in first.output and installed not in plain.output
+    installed = ("[sat] torch fusions: device gradient norm, one-pass gradient clipping, "
+                 "gradient-accumulation fusion, fused Adam, host-side model-parallel "
+                 "reductions, host-known loss scale, one read for the gradient NaN/Inf check, "
+                 "residual gradient in the norm backward")
+    assert installed in first.output and "[sat] torch fusions" not in plain.output
     fused = first.exact | second.exact
     assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
     for i in fused:
         assert fused[i] == pytest.approx(plain.exact[i], rel=1e-5), (i, fused, plain.exact)
+    # what the host now reads without the GPU (host_syncs) is logged as before
+    for tag, rel in (("grad-norm", 1e-4), ("learning-rate", 0), ("loss-scale", 0)):
+        got = (read_tensorboard(first.tensorboard_dir, tag)
+               | read_tensorboard(second.tensorboard_dir, tag))
+        want = read_tensorboard(plain.tensorboard_dir, tag)
+        assert sorted(got) == sorted(want) == list(range(1, 13)), tag
+        for i in got:
+            assert got[i] == pytest.approx(want[i], rel=rel), (tag, i, got[i], want[i])
+    assert max(read_tensorboard(plain.tensorboard_dir, "grad-norm").values()) > 0.5  # clipped
     assert plain.exact[12] < 0.9 * plain.exact[1]  # it learns: the comparison means something
 
 
