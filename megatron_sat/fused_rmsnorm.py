@@ -32,8 +32,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megatron_sat import norm
-
 MAX_HIDDEN = 16384  # one row per program step; wider rows go to torch
 
 
@@ -158,8 +156,9 @@ def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = No
 
 
 def rms_norm_with_residual(x: torch.Tensor, normalized_shape, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`megatron_sat.norm.rms_norm_with_residual` on the kernels where they apply."""
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """``(y, x)`` on the kernels where they apply; elsewhere torch's ``y`` alone (megatron
+    then takes x as the residual and autograd adds the two gradients, as without it)."""
     if _kernels_apply(x, normalized_shape, weight, eps):
         return fused_rms_norm_with_residual(x, weight, eps)
-    return norm.rms_norm_with_residual(x, normalized_shape, weight, eps)
+    return F.rms_norm(x, normalized_shape, weight, eps)

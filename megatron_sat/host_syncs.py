@@ -7,21 +7,24 @@ GPU, megatron-core 0.19.2 reads the GPU about eleven times per iteration. :func:
 answers on the host the reads whose value the host already knows, and merges one check:
 
 1. ``logical_and_across_model_parallel_group`` (was the update applied) and
-   ``reduce_max_stat_across_model_parallel_group`` (gradient norm, zero count, learning
-   rate for the log) all-reduce a host value over the model-parallel group through a GPU
-   tensor and read it back, four times per iteration. When the group has one rank the
-   all-reduce is the identity: the value is returned as megatron's round trip would return
-   it (the statistics rounded to float32, ``-1`` meaning none), without the GPU.
+   ``reduce_max_stat_across_model_parallel_group`` (gradient norm, learning rate for the
+   log, and the zero count with ``--log-num-zeros-in-grad``) all-reduce a host value over
+   the model-parallel group through a GPU tensor and read it back, three or four times per
+   iteration. When the group has one rank the all-reduce is the identity: the value is
+   returned as megatron's round trip would return it (the statistics rounded to float32,
+   ``-1`` meaning none), without the GPU.
 2. **The loss scale**: without a grad scaler (bf16, fp32) megatron's optimizer scales the
    loss by a GPU tensor holding 1.0, and the training loop reads it with ``.item()`` every
    iteration for its log. That tensor is replaced by :class:`HostKnownScalar`, the same
    GPU tensor whose ``item()`` the host answers (the optimizer never changes it).
-3. **The gradient NaN/Inf check** (``--check-for-nan-in-loss-and-grad``): megatron's DDP
-   validates each bucket's gradient norm twice (NaN, then Inf), one read each. In the first
-   run of an iteration the norms of all buckets are now read once, as one finiteness flag;
-   only when one is not finite does megatron's own check run, with its messages and its
-   rerun state machine. Reruns, determinism statistics, error injection and the
-   large-gradient check always take megatron's path.
+3. **The gradient NaN/Inf check** (``--check-for-nan-in-loss-and-grad``) with
+   ``--rerun-mode disabled``: megatron's DDP validates each bucket's gradient norm twice
+   (NaN, then Inf), one read each. The norms of all buckets are read once, as one
+   finiteness flag; only when one is not finite does megatron's own check run, with its
+   messages. In megatron's default ``validate_results`` mode its check always runs: the
+   rerun state machine numbers every call of a message to find the failing one again when
+   it reruns the iteration, and skipping the finite calls would shift those numbers.
+   Statistics mode, error injection and the large-gradient check keep megatron's path too.
 
 Installed with the torch fusions (``--no-sat-torch-fusions`` keeps megatron's reads).
 """
@@ -94,16 +97,12 @@ def _with_host_known_scale(init, attribute):
 def _check_grads_once(check_grads):
     @functools.wraps(check_grads)
     def wrapper(self, check_for_nan_or_inf, check_for_large):
-        from megatron.core.rerun_state_machine import (RerunMode, RerunState,
-                                                       get_rerun_state_machine)
+        from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
 
         machine = get_rerun_state_machine()
         fast = (check_for_nan_or_inf and not check_for_large and self.buckets
-                and not machine.error_injector.should_inject_errors
-                and (machine.mode == RerunMode.DISABLED
-                     or (machine.mode == RerunMode.VALIDATE_RESULTS
-                         and machine.state == RerunState.INITIAL_RUN
-                         and not machine.rerun_requested)))
+                and machine.mode == RerunMode.DISABLED
+                and not machine.error_injector.should_inject_errors)
         if fast:
             norms = torch.stack([bucket.grad_data.norm(p=2) for bucket in self.buckets])
             if bool(torch.isfinite(norms).all()):

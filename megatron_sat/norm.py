@@ -20,9 +20,10 @@ docs/performance.md). megatron-core's ``TransformerLayer`` accepts a norm that r
 ``residual_output=True`` (the SAT layer spec's two) returns ``(rms_norm(h), h)`` from one
 autograd function when :data:`RMS_NORM_WITH_RESIDUAL` is set (by ``torch_fusions.apply``),
 so both gradients arrive in its backward, which adds them: in the Triton kernel's pass on
-a GPU (one read of the residual gradient instead of an add's three tensors), with torch
-here (:func:`rms_norm_with_residual`, the reference). Unset, or without grad, the norm
-returns its output alone, as before.
+a GPU (one read of the residual gradient instead of an add's three tensors; where the
+kernels do not apply, the output alone), with torch off the GPU
+(:func:`rms_norm_with_residual`, the reference, which CPU runs and tests take). Unset, or
+without grad, the norm returns its output alone, as before.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch.nn.functional as F
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 RMS_NORM = F.rms_norm  # F.rms_norm's signature; replaced by torch_fusions.apply
-RMS_NORM_WITH_RESIDUAL = None  # rms_norm_with_residual's signature; set by torch_fusions
+# rms_norm_with_residual's signature, returning (output, residual) or the output alone;
+# set by torch_fusions.apply
+RMS_NORM_WITH_RESIDUAL = None
 
 
 class _RMSNormWithResidual(torch.autograd.Function):

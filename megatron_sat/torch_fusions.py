@@ -37,8 +37,8 @@ shrinks with the omission rate. :func:`apply` replaces them
    :class:`~megatron_sat.norm.TorchNorm` calls Triton kernels whose backward also reduces
    the weight gradient (torch's reads the activations twice), and a layer's two norms hand
    megatron the residual so that the backward pass also adds the residual stream's
-   gradient, which autograd added in a separate pass (:mod:`megatron_sat.norm`; with
-   torch off the GPU).
+   gradient, which autograd added in a separate pass (:mod:`megatron_sat.norm`; off the
+   GPU a torch reference takes the same path, for the CPU tests).
 7. **Cross-entropy** (:mod:`megatron_sat.fused_cross_entropy`, CUDA with Triton):
    megatron's ``--cross-entropy-fusion-impl native`` (a chain of compiled passes keeping an
    fp32 softmax) becomes one pass over the logits forward and one backward.
@@ -48,8 +48,8 @@ shrinks with the omission rate. :func:`apply` replaces them
    ``torch._foreach_mul_`` (one pass, the same products bit for bit).
 9. **Host synchronisations** (:mod:`megatron_sat.host_syncs`): megatron's training loop
    reads small GPU tensors on the host several times per iteration; the reads that carry no
-   information on one model-parallel rank are answered on the host, and the per-bucket
-   gradient NaN/Inf checks read the GPU once.
+   information on one model-parallel rank are answered on the host, and with
+   ``--rerun-mode disabled`` the per-bucket gradient NaN/Inf checks read the GPU once.
 
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
@@ -102,8 +102,9 @@ def apply() -> list[str]:
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
     installed += host_syncs.apply()
-    norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual  # the Triton one on a GPU
-    installed.append("residual gradient in the norm backward")
+    if not torch.cuda.is_available():  # the torch reference, so CPU runs take this path
+        norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual
+        installed.append("residual gradient in the norm backward")
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
         import megatron.core.models.common.language_module.language_module as language_module
 
@@ -113,7 +114,7 @@ def apply() -> list[str]:
         installed.append("width-generic SwiGLU")
         norm.RMS_NORM = fused_rmsnorm.rms_norm
         norm.RMS_NORM_WITH_RESIDUAL = fused_rmsnorm.rms_norm_with_residual
-        installed.append("Triton RMSNorm")
+        installed += ["Triton RMSNorm", "residual gradient in the norm backward"]
         language_module.fused_vocab_parallel_cross_entropy = _on_cuda(
             fused_cross_entropy.vocab_parallel_cross_entropy,
             language_module.fused_vocab_parallel_cross_entropy)
@@ -162,6 +163,8 @@ def scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
     ``tensor_lists`` = [sources, destinations], in one multi-tensor pass (in place when
     they are the same tensors, as in gradient clipping; a copy when the scale is 1)."""
     sources, destinations = tensor_lists
+    if not destinations:
+        return
     if all(s is d for s, d in zip(sources, destinations)):
         torch._foreach_mul_(destinations, scale)
     elif scale == 1.0:

@@ -78,13 +78,16 @@ def test_cross_entropy_rejects_mismatched_targets():
 
 
 def test_rms_norm_dispatch_leaves_cpu_inputs_to_torch():
-    """Off the GPU (and for what the kernels do not take) ``rms_norm`` is F.rms_norm."""
+    """Off the GPU (and for what the kernels do not take) ``rms_norm`` is F.rms_norm, and
+    ``rms_norm_with_residual`` returns F.rms_norm's output alone (no torch recomputation)."""
     pytest.importorskip("triton")
-    from megatron_sat.fused_rmsnorm import rms_norm
+    from megatron_sat.fused_rmsnorm import rms_norm, rms_norm_with_residual
 
     x, w = torch.randn(4, 8), torch.rand(8)
-    assert torch.equal(rms_norm(x, (8,), w, 1e-5),
-                       torch.nn.functional.rms_norm(x, (8,), w, 1e-5))
+    want = torch.nn.functional.rms_norm(x, (8,), w, 1e-5)
+    assert torch.equal(rms_norm(x, (8,), w, 1e-5), want)
+    got = rms_norm_with_residual(x.requires_grad_(), (8,), w, 1e-5)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
 
 
 def _within_bf16_rounding(err: dict, floor: float) -> bool:
@@ -129,6 +132,7 @@ installed = torch_fusions.apply()
 print(json.dumps({
     "installed": installed,
     "norm": norm.RMS_NORM is fused_rmsnorm.rms_norm,
+    "residual": norm.RMS_NORM_WITH_RESIDUAL is fused_rmsnorm.rms_norm_with_residual,
     "loss": language_module.fused_vocab_parallel_cross_entropy.__wrapped__
     is fused_cross_entropy.vocab_parallel_cross_entropy}))
 """
@@ -142,7 +146,8 @@ def test_cuda_torch_fusions_put_the_kernels_in_megatrons_path():
     assert run.returncode == 0, run.stderr[-3000:]
     rec = json.loads(run.stdout.strip().splitlines()[-1])
     assert {"Triton RMSNorm", "Triton cross-entropy"} <= set(rec["installed"]), rec
-    assert rec["norm"] and rec["loss"], rec
+    assert "residual gradient in the norm backward" in rec["installed"], rec
+    assert rec["norm"] and rec["loss"] and rec["residual"], rec
 
 
 def test_torch_rms_norm_with_residual_is_the_reference():

@@ -89,14 +89,14 @@ def _bucket_group(*grads):
     return types.SimpleNamespace(buckets=[types.SimpleNamespace(grad_data=g) for g in grads])
 
 
-def _machine(mode, state=rsm.RerunState.INITIAL_RUN, rerun_requested=False, inject=False):
-    return types.SimpleNamespace(mode=mode, state=state, rerun_requested=rerun_requested,
-                                 error_injector=types.SimpleNamespace(should_inject_errors=inject))
+def _machine(mode, inject=False):
+    """megatron's own rerun state machine in ``mode``."""
+    injector = rsm.RerunErrorInjector(error_injection_rate=10 if inject else 0)
+    return rsm.RerunStateMachine(mode=mode, error_injector=injector)
 
 
-@pytest.mark.parametrize("mode", [rsm.RerunMode.DISABLED, rsm.RerunMode.VALIDATE_RESULTS])
-def test_gradient_check_reads_once_and_hands_non_finite_grads_to_megatron(monkeypatch, mode):
-    monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(mode))
+def test_gradient_check_reads_once_and_hands_non_finite_grads_to_megatron(monkeypatch):
+    monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(rsm.RerunMode.DISABLED))
     megatron = Recorder()
     check = host_syncs._check_grads_once(megatron)
     finite = _bucket_group(torch.ones(5), torch.full((3,), 1e18))
@@ -110,14 +110,13 @@ def test_gradient_check_reads_once_and_hands_non_finite_grads_to_megatron(monkey
 
 
 @pytest.mark.parametrize("machine,flags", [
-    (_machine(rsm.RerunMode.VALIDATE_RESULTS, state=rsm.RerunState.RERUNNING_IN_PLACE),
-     (True, False)),
-    (_machine(rsm.RerunMode.VALIDATE_RESULTS, rerun_requested=True), (True, False)),
+    # megatron's default: the rerun machine numbers every call of a message
+    (_machine(rsm.RerunMode.VALIDATE_RESULTS), (True, False)),
     (_machine(rsm.RerunMode.REPORT_DETERMINISM_STATS), (True, False)),
-    (_machine(rsm.RerunMode.VALIDATE_RESULTS, inject=True), (True, False)),
+    (_machine(rsm.RerunMode.DISABLED, inject=True), (True, False)),
     (_machine(rsm.RerunMode.DISABLED), (True, True)),  # the large-gradient check
 ])
-def test_gradient_check_leaves_reruns_stats_injection_and_large_grads_to_megatron(
+def test_gradient_check_leaves_validation_stats_injection_and_large_grads_to_megatron(
         monkeypatch, machine, flags):
     monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: machine)
     megatron = Recorder()

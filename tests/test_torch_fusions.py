@@ -73,6 +73,7 @@ def test_scale_tensors_equals_megatrons_per_tensor_scale_bit_for_bit():
         local_multi_tensor_scale(0, None, [grads, want_copies], scale)
         torch_fusions.scale_tensors(0, None, [grads, copies], scale)
         assert all(torch.equal(a, b) for a, b in zip(copies, want_copies)), scale
+    torch_fusions.scale_tensors(0, None, [[], []], 0.5)  # no gradients: nothing to do
 
 
 def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad():
