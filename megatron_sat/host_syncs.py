@@ -136,4 +136,4 @@ def apply() -> list[str]:
     group = buffers._ParamAndGradBucketGroup
     group.check_grads = _check_grads_once(group.check_grads)
     return ["host-side model-parallel reductions", "host-known loss scale",
-            "one read for the gradient NaN/Inf check"]
+            "one read for the gradient NaN/Inf check with --rerun-mode disabled"]

@@ -160,8 +160,8 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     assert second.returncode == 0, second.output[-6000:]
     installed = ("[sat] torch fusions: device gradient norm, one-pass gradient clipping, "
                  "gradient-accumulation fusion, fused Adam, host-side model-parallel "
-                 "reductions, host-known loss scale, one read for the gradient NaN/Inf check, "
-                 "residual gradient in the norm backward")
+                 "reductions, host-known loss scale, one read for the gradient NaN/Inf check with "
+                 "--rerun-mode disabled, residual gradient in the norm backward")
     assert installed in first.output and "[sat] torch fusions" not in plain.output
     fused = first.exact | second.exact
     assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
