@@ -1,5 +1,6 @@
 """Helpers for the tests: import the project's scripts (``tools/*.py``, ``examples/...``) as
-modules, and run the Triton kernels' case scripts in the CPU interpreter."""
+modules, run the Triton kernels' case scripts in the CPU interpreter, and run a snippet in
+a fresh process."""
 
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ def run_interpreted(script: str, tmp_path_factory) -> dict:
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def run_snippet(code: str, *args: str, timeout: int = 600) -> dict:
+    """``python -c code args...`` in a fresh process (for checks that change megatron's
+    module attributes for good) from the repository root: the JSON object it prints last."""
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def load_tool(name: str) -> ModuleType:

@@ -10,14 +10,12 @@ the ``cuda`` tests repeat them in bf16 at the benchmark models' shapes and check
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _tools import run_interpreted
+from _tools import run_interpreted, run_snippet
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -141,10 +139,7 @@ print(json.dumps({
 @cuda
 def test_cuda_torch_fusions_put_the_kernels_in_megatrons_path():
     """In a fresh process (``apply`` changes megatron's module attributes for good)."""
-    run = subprocess.run([sys.executable, "-c", _INSTALLED_CHECK, str(ROOT)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rec = json.loads(run.stdout.strip().splitlines()[-1])
+    rec = run_snippet(_INSTALLED_CHECK, str(ROOT))
     assert {"Triton RMSNorm", "Triton cross-entropy"} <= set(rec["installed"]), rec
     assert "residual gradient in the norm backward" in rec["installed"], rec
     assert rec["norm"] and rec["loss"] and rec["residual"], rec

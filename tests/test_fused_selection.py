@@ -9,15 +9,13 @@ bf16 scores of the benchmark models' shapes, and check that the SAT blocks use t
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _tools import run_interpreted
+from _tools import run_interpreted, run_snippet
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -157,10 +155,7 @@ print(json.dumps(out))
 def test_cuda_sat_blocks_select_with_the_kernels_and_match_the_torch_path():
     """SAT MLP and attention with ``--sat-selection-kernel auto`` call the kernels, and with
     top-k (no noise) keep the same neurons and give bitwise the same output as ``torch``."""
-    run = subprocess.run([sys.executable, "-c", _BLOCKS_CHECK, str(ROOT)], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rec = json.loads(run.stdout.strip().splitlines()[-1])
+    rec = run_snippet(_BLOCKS_CHECK, str(ROOT))
     assert rec["calls"] == {"select": 1, "select_heads": 1}, rec
     for block in ("mlp", "attention"):
         assert rec[block]["same_indices"] and rec[block]["same_output"], rec

@@ -8,21 +8,15 @@ must still reach megatron's own code.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _tools import run_snippet
 from megatron.core import rerun_state_machine as rsm
 
 from megatron_sat import host_syncs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Recorder:
@@ -144,10 +138,7 @@ print(json.dumps({"first": first, "second": second, "wrapped": [
 
 def test_apply_installs_into_megatrons_training_loop_once():
     """In a fresh process: ``apply`` changes megatron's module attributes for good."""
-    run = subprocess.run([sys.executable, "-c", _INSTALL], capture_output=True, text=True,
-                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr[-3000:]
-    rec = json.loads(run.stdout.strip().splitlines()[-1])
+    rec = run_snippet(_INSTALL, timeout=300)
     assert len(rec["first"]) == 3 and rec["second"] == []
     assert rec["wrapped"] == ["megatron.training.utils.common_utils",
                               "logical_and_across_model_parallel_group",
