@@ -1,30 +1,51 @@
 """Fewer host reads of GPU tensors in megatron-core's training iteration.
 
 Each ``.item()`` (or ``if tensor:``) makes the host wait for everything queued on the GPU;
-afterwards the GPU idles while the host issues the next kernels, so every such read at the
-end of an iteration exposes the host's Python time (docs/performance.md, session 7). On one
-GPU, megatron-core 0.19.2 reads the GPU about eleven times per iteration. :func:`apply`
-answers on the host the reads whose value the host already knows, and merges one check:
+afterwards the GPU idles while the host issues the next kernels, so every such read between
+one iteration's backward and the next forward throws away the lead the host built during
+the backward, and the next forward starts host-bound (docs/performance.md, sessions 7
+and 8). On one GPU megatron-core 0.19.2 reads the GPU about eleven times per iteration.
+:func:`apply` removes the reads of an iteration that neither logs nor writes to
+TensorBoard:
 
 1. ``logical_and_across_model_parallel_group`` (was the update applied) and
    ``reduce_max_stat_across_model_parallel_group`` (gradient norm, learning rate for the
-   log, and the zero count with ``--log-num-zeros-in-grad``) all-reduce a host value over
-   the model-parallel group through a GPU tensor and read it back, three or four times per
-   iteration. When the group has one rank the all-reduce is the identity: the value is
+   log, and the zero count with ``--log-num-zeros-in-grad``) all-reduce a value over the
+   model-parallel group through a GPU tensor and read it back, three or four times per
+   iteration. When the group has one rank the all-reduce is the identity: a host value is
    returned as megatron's round trip would return it (the statistics rounded to float32,
-   ``-1`` meaning none), without the GPU.
+   ``-1`` meaning none), without the GPU. A statistic that is a GPU tensor (the gradient
+   norm, item 3) stays one: all-reduced on the device when the group has several ranks,
+   read only where megatron logs it.
 2. **The loss scale**: without a grad scaler (bf16, fp32) megatron's optimizer scales the
    loss by a GPU tensor holding 1.0, and the training loop reads it with ``.item()`` every
    iteration for its log. That tensor is replaced by :class:`HostKnownScalar`, the same
    GPU tensor whose ``item()`` the host answers (the optimizer never changes it).
-3. **The gradient NaN/Inf check** (``--check-for-nan-in-loss-and-grad``) with
-   ``--rerun-mode disabled``: megatron's DDP validates each bucket's gradient norm twice
-   (NaN, then Inf), one read each. The norms of all buckets are read once, as one
-   finiteness flag; only when one is not finite does megatron's own check run, with its
-   messages. In megatron's default ``validate_results`` mode its check always runs: the
-   rerun state machine numbers every call of a message to find the failing one again when
-   it reruns the iteration, and skipping the finite calls would shift those numbers.
-   Statistics mode, error injection and the large-gradient check keep megatron's path too.
+3. **The gradient norm and clipping on the device**: megatron's gradient clipping keeps
+   the norm a GPU tensor and clips by a clamped device coefficient when it has a
+   tensor-scale kernel (Transformer Engine's); without one it reads the norm to compare
+   it with ``--clip-grad`` on the host. :func:`megatron_sat.torch_fusions.scale_tensors`
+   is that kernel. The gradients are then scaled every step, by 1 when the norm is below
+   the threshold: one pass over the fp32 gradients that megatron's host comparison skips.
+4. **Deferred NaN/Inf checks** with ``--rerun-mode disabled`` (:class:`DeferredChecks`):
+   megatron validates the loss and every gradient bucket's norm (NaN, then Inf) on the
+   host, and in that mode only raises an error. The validations are kept on the device
+   and read together at the next log line, before every checkpoint save and when
+   training ends; until then a rejected value sets torch's fused Adam's ``found_inf``
+   flag, so that update and all later ones are skipped on the device and the error leaves
+   the model and optimizer as megatron's immediate error would: as they were before the
+   rejected iteration. Only with torch's fused Adam (the torch fusions' default) and
+   megatron's plain NaN/Inf validations; in megatron's default ``validate_results`` mode
+   the check stays immediate, because the rerun state machine replays a rejected iteration
+   before the optimizer step.
+5. **The loss sums**: megatron's ``training_log`` adds each iteration's losses to its
+   running sums starting from ``torch.tensor([0.0], device='cuda')``, a tensor built from
+   host memory, which it builds on every call (a ``dict.get`` default); the copy makes the
+   host wait for the whole queued iteration. On iterations that neither log nor write to
+   TensorBoard the sums are added here instead, starting from a device-side zero, and
+   megatron's function gets no losses (it has nothing else to do with them there).
+   TensorBoard's default ``--tensorboard-log-interval 1`` reads the losses every
+   iteration anyway: set it to ``--log-interval``.
 
 Installed with the torch fusions (``--no-sat-torch-fusions`` keeps megatron's reads).
 """
@@ -32,6 +53,8 @@ Installed with the torch fusions (``--no-sat-torch-fusions`` keeps megatron's re
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 
 import torch
 
@@ -54,10 +77,14 @@ def host_known(tensor: torch.Tensor) -> HostKnownScalar:
     return scalar
 
 
-def _group_size(group) -> int:
+def _model_parallel(group):
     from megatron.core import mpu
 
-    return torch.distributed.get_world_size(group or mpu.get_model_parallel_group())
+    return group or mpu.get_model_parallel_group()
+
+
+def _group_size(group) -> int:
+    return torch.distributed.get_world_size(_model_parallel(group))
 
 
 def _logical_and_on_host(logical_and):
@@ -73,6 +100,13 @@ def _logical_and_on_host(logical_and):
 def _reduce_max_on_host(reduce_max):
     @functools.wraps(reduce_max)
     def wrapper(stat, group=None):
+        if isinstance(stat, torch.Tensor):  # stays on the device; a norm is never -1
+            stat = stat.detach().float().reshape(1)
+            if _group_size(group) > 1:
+                stat = stat.clone()
+                torch.distributed.all_reduce(stat, op=torch.distributed.ReduceOp.MAX,
+                                             group=_model_parallel(group))
+            return stat.reshape(())  # 0-dim: megatron's f"{grad_norm:.3f}" formats it
         if _group_size(group) > 1:
             return reduce_max(stat, group=group)
         if stat is None:
@@ -94,37 +128,181 @@ def _with_host_known_scale(init, attribute):
     return wrapper
 
 
-def _check_grads_once(check_grads):
-    @functools.wraps(check_grads)
-    def wrapper(self, check_for_nan_or_inf, check_for_large):
-        from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
+class DeferredChecks:
+    """megatron's fatal NaN/Inf validations, kept on the device and read together (item 4).
 
-        machine = get_rerun_state_machine()
-        fast = (check_for_nan_or_inf and not check_for_large and self.buckets
-                and machine.mode == RerunMode.DISABLED
-                and not machine.error_injector.should_inject_errors)
-        if fast:
-            norms = torch.stack([bucket.grad_data.norm(p=2) for bucket in self.buckets])
-            if bool(torch.isfinite(norms).all()):
-                return
-        check_grads(self, check_for_nan_or_inf, check_for_large)
+    For each validation message, the first iteration whose result was rejected and that
+    result live in two device scalars; a rejection also sets the per-device ``skip`` flag
+    that torch's fused Adam reads as ``found_inf`` (it then leaves parameters, moments and
+    step counts untouched). :meth:`check` reads everything in one transfer and raises
+    megatron's error for the earliest rejection.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.skip: dict[torch.device, torch.Tensor] = {}
+        self.first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def skip_flag(self, device) -> torch.Tensor:
+        """The float32 flag (0 or 1) for Adam's ``found_inf`` on ``device``."""
+        device = torch.device(device)
+        if device not in self.skip:
+            self.skip[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self.skip[device]
+
+    def defer(self, result: torch.Tensor, rejection_func, message: str, iteration: int):
+        result = result.detach().float().reshape(())
+        rejected = rejection_func(result)
+        flag = self.skip_flag(result.device)
+        flag.copy_(flag.logical_or(rejected))
+        if message not in self.first:
+            self.first[message] = (torch.full((), -1, dtype=torch.int64, device=result.device),
+                                   torch.zeros((), dtype=torch.float32, device=result.device))
+        first, value = self.first[message]
+        newly = rejected & (first < 0)
+        first.copy_(torch.where(newly, iteration, first))
+        value.copy_(torch.where(newly, result, value))
+
+    def check(self, where: str) -> None:
+        """Raise megatron's error for the earliest rejected result since the start (one read)."""
+        if not self.first:
+            return
+        messages = list(self.first)
+        rows = torch.stack([torch.stack([first.double(), value.double()])
+                            for first, value in self.first.values()]).tolist()
+        rejected = [(int(first), i, value) for i, (first, value) in enumerate(rows)
+                    if first >= 0]
+        if not rejected:
+            return
+        iteration, i, value = min(rejected)
+        from megatron.core.rerun_state_machine import (RerunValidationStatus,
+                                                       get_rerun_state_machine)
+
+        get_rerun_state_machine()._log_validation_error_to_file(
+            status=RerunValidationStatus.RERUN_DISABLED, result=value, message=messages[i])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        raise RuntimeError(
+            f"Rank {rank}, node {os.uname()[1]}, iteration {iteration}: Unexpected result "
+            f"{value} (message='{messages[i]}'). Found at {where}: with --rerun-mode disabled "
+            "megatron-sat checks NaN/Inf at log lines and checkpoint saves, and skipped the "
+            f"optimizer updates from iteration {iteration} on, so the model and optimizer "
+            "state are those before it and no checkpoint holds a later update. "
+            "--rerun-mode validate_results checks every iteration.")
+
+
+DEFERRED = DeferredChecks()
+
+
+def _deferred_validation(validate_result):
+    @functools.wraps(validate_result)
+    def wrapper(self, result, rejection_func, message, comparison_func=None,
+                tolerance=0.0, fatal=True):
+        from megatron.core.rerun_state_machine import RerunMode
+        from megatron.training.global_vars import get_args
+
+        if (DEFERRED.enabled and self.mode == RerunMode.DISABLED and fatal
+                and rejection_func in (torch.isnan, torch.isinf)
+                and isinstance(result, torch.Tensor) and result.numel() == 1):
+            # numbered as megatron's log lines number iterations
+            DEFERRED.defer(result, rejection_func, message, get_args().curr_iteration + 1)
+            return
+        validate_result(self, result, rejection_func, message, comparison_func, tolerance,
+                        fatal)
 
     return wrapper
+
+
+def _fused_torch_adam(part) -> torch.optim.Optimizer | None:
+    inner = getattr(part, "optimizer", None)
+    if isinstance(inner, torch.optim.Adam) and all(g.get("fused") for g in inner.param_groups):
+        return inner
+    return None
+
+
+def _with_deferred_checks(get_megatron_optimizer):
+    @functools.wraps(get_megatron_optimizer)
+    def wrapper(*args, **kwargs):
+        from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
+
+        optimizer = get_megatron_optimizer(*args, **kwargs)
+        parts = [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
+                 if not getattr(part, "is_stub_optimizer", False)]
+        adams = [_fused_torch_adam(part) for part in parts]
+        if (get_rerun_state_machine().mode == RerunMode.DISABLED and adams
+                and all(adam is not None for adam in adams)):
+            for adam in adams:
+                device = adam.param_groups[0]["params"][0].device
+                adam.found_inf = DEFERRED.skip_flag(device)
+            DEFERRED.enabled = True
+        return optimizer
+
+    return wrapper
+
+
+def _checked_before(function, where: str):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        DEFERRED.check(where)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _training_log_without_reads(training_log):
+    """Item 4's check at log lines, and item 5: the loss sums of an iteration that neither
+    logs nor writes to TensorBoard are added here, so that megatron's ``training_log`` --
+    whose ``total_loss_dict.get(key, torch.tensor([0.0], device='cuda'))`` builds a
+    GPU tensor from host memory, a copy the host waits for, on every call -- sees no
+    losses on such iterations."""
+    signature = inspect.signature(training_log)
+
+    @functools.wraps(training_log)
+    def wrapper(*args, **kwargs):
+        from megatron.training.global_vars import get_args, get_tensorboard_writer
+
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        given, megatron_args = call.arguments, get_args()
+        iteration = given["iteration"]
+        logs = iteration % megatron_args.log_interval == 0 or given["is_first_iteration"]
+        if logs or iteration == megatron_args.train_iters:
+            DEFERRED.check(f"the log line of iteration {iteration}")
+        writes = (get_tensorboard_writer() is not None
+                  and iteration % megatron_args.tensorboard_log_interval == 0)
+        if not (logs or writes or given["skipped_iter"]):
+            totals = given["total_loss_dict"]
+            for key, value in given["loss_dict"].items():  # megatron's sum, without the copy
+                start = totals[key] if key in totals else torch.zeros(
+                    1, dtype=torch.float, device=value.device)
+                totals[key] = start + value
+            given["loss_dict"] = {}
+        return training_log(*call.args, **call.kwargs)
+
+    return wrapper
+
+
+def check_deferred(where: str = "the end of training") -> None:
+    """Raise the error of any rejected NaN/Inf validation not yet reported (item 4)."""
+    DEFERRED.check(where)
 
 
 _applied = False
 
 
 def apply() -> list[str]:
-    """Install 1-3 (once); returns their names."""
+    """Install 1-5 (once); returns their names."""
     global _applied
     if _applied:
         return []
     _applied = True
-    import megatron.core.distributed.param_and_grad_buffer as buffers
+    import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizers
+    import megatron.core.rerun_state_machine as rerun
     import megatron.training.training as training
 
+    from megatron_sat.torch_fusions import scale_tensors
+
+    installed = ["host-side model-parallel reductions", "host-known loss scale"]
     training.logical_and_across_model_parallel_group = _logical_and_on_host(
         training.logical_and_across_model_parallel_group)
     training.reduce_max_stat_across_model_parallel_group = _reduce_max_on_host(
@@ -133,7 +311,15 @@ def apply() -> list[str]:
         optimizers.MixedPrecisionOptimizer.__init__, "_scale_one")
     optimizers.FP32Optimizer.__init__ = _with_host_known_scale(
         optimizers.FP32Optimizer.__init__, "_scale")
-    group = buffers._ParamAndGradBucketGroup
-    group.check_grads = _check_grads_once(group.check_grads)
-    return ["host-side model-parallel reductions", "host-known loss scale",
-            "one read for the gradient NaN/Inf check with --rerun-mode disabled"]
+    if clip_grads.multi_tensor_scale_tensor_impl is None:
+        clip_grads.multi_tensor_scale_tensor_impl = scale_tensors
+        installed.append("gradient norm and clipping on the device")
+    rerun.RerunStateMachine.validate_result = _deferred_validation(
+        rerun.RerunStateMachine.validate_result)
+    training.get_megatron_optimizer = _with_deferred_checks(training.get_megatron_optimizer)
+    training.training_log = _training_log_without_reads(training.training_log)
+    training.save_checkpoint = _checked_before(training.save_checkpoint,
+                                               "a checkpoint save")
+    installed += ["NaN/Inf checks at log lines with --rerun-mode disabled",
+                  "loss sums without a host copy"]
+    return installed

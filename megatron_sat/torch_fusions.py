@@ -48,8 +48,9 @@ shrinks with the omission rate. :func:`apply` replaces them
    ``torch._foreach_mul_`` (one pass, the same products bit for bit).
 9. **Host synchronisations** (:mod:`megatron_sat.host_syncs`): megatron's training loop
    reads small GPU tensors on the host several times per iteration; the reads that carry no
-   information on one model-parallel rank are answered on the host, and with
-   ``--rerun-mode disabled`` the per-bucket gradient NaN/Inf checks read the GPU once.
+   information on one model-parallel rank are answered on the host, the gradient norm and
+   clipping stay on the device, and with ``--rerun-mode disabled`` the NaN/Inf checks are
+   read at log lines and checkpoint saves, the optimizer skipping updates on the device.
 
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
@@ -161,13 +162,17 @@ def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 def scale_tensors(chunk_size, noop_flag, tensor_lists, scale):
     """``amp_C.multi_tensor_scale``'s call: ``dst = src * scale`` for each pair of
     ``tensor_lists`` = [sources, destinations], in one multi-tensor pass (in place when
-    they are the same tensors, as in gradient clipping; a copy when the scale is 1)."""
+    they are the same tensors, as in gradient clipping; a copy when the scale is 1).
+    ``scale`` may be a one-element device tensor (Transformer Engine's
+    ``multi_tensor_scale_tensor``): then the host never reads it."""
     sources, destinations = tensor_lists
     if not destinations:
         return
+    if isinstance(scale, torch.Tensor):
+        scale = scale.reshape(())
     if all(s is d for s, d in zip(sources, destinations)):
         torch._foreach_mul_(destinations, scale)
-    elif scale == 1.0:
+    elif not isinstance(scale, torch.Tensor) and scale == 1.0:
         torch._foreach_copy_(destinations, sources)
     else:
         torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))

@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from _launch import pretrain
 from _tools import run_snippet
 from megatron.core import rerun_state_machine as rsm
 
@@ -79,8 +80,20 @@ def test_host_known_scale_replaces_the_optimizers_tensor_and_computes_like_it():
     assert Optimizer(4.0)._scale_one.item() == 4.0
 
 
-def _bucket_group(*grads):
-    return types.SimpleNamespace(buckets=[types.SimpleNamespace(grad_data=g) for g in grads])
+def test_reduce_max_keeps_a_device_statistic_on_the_device(group_size, monkeypatch):
+    """The gradient norm (a device tensor with the clipping of item 3) is not read."""
+    megatron = Recorder()
+    reduce_max = host_syncs._reduce_max_on_host(megatron)
+    norm = torch.tensor([1.25], dtype=torch.float64)
+    with monkeypatch.context() as reads:
+        reads.setattr(torch.Tensor, "item", _no_read)
+        got = reduce_max(norm, group="mp")
+    assert got.shape == () and got.dtype == torch.float32 and got.item() == 1.25
+    assert f"{got:.3f}" == "1.250" and megatron.calls == []  # megatron's log line
+
+
+def _no_read(*args, **kwargs):
+    raise AssertionError("read a tensor on the host")
 
 
 def _machine(mode, inject=False):
@@ -89,58 +102,199 @@ def _machine(mode, inject=False):
     return rsm.RerunStateMachine(mode=mode, error_injector=injector)
 
 
-def test_gradient_check_reads_once_and_hands_non_finite_grads_to_megatron(monkeypatch):
-    monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(rsm.RerunMode.DISABLED))
-    megatron = Recorder()
-    check = host_syncs._check_grads_once(megatron)
-    finite = _bucket_group(torch.ones(5), torch.full((3,), 1e18))
-    check(finite, True, False)
-    assert megatron.calls == []
-    for bad in (float("nan"), float("inf")):
-        group = _bucket_group(torch.ones(5), torch.tensor([1.0, bad]))
-        check(group, True, False)
-        assert megatron.calls[-1] == ((group, True, False), {})
-    assert len(megatron.calls) == 2
+@pytest.fixture
+def deferred(monkeypatch):
+    """A fresh, enabled DeferredChecks; megatron's args say which iteration runs."""
+    import megatron.training.global_vars as global_vars
+
+    checks = host_syncs.DeferredChecks()
+    checks.enabled = True
+    monkeypatch.setattr(host_syncs, "DEFERRED", checks)
+    args = types.SimpleNamespace(curr_iteration=0)
+    monkeypatch.setattr(global_vars, "get_args", lambda: args)
+    checks.args = args
+    return checks
 
 
-@pytest.mark.parametrize("machine,flags", [
-    # megatron's default: the rerun machine numbers every call of a message
-    (_machine(rsm.RerunMode.VALIDATE_RESULTS), (True, False)),
-    (_machine(rsm.RerunMode.REPORT_DETERMINISM_STATS), (True, False)),
-    (_machine(rsm.RerunMode.DISABLED, inject=True), (True, False)),
-    (_machine(rsm.RerunMode.DISABLED), (True, True)),  # the large-gradient check
+def _adamw(param: torch.Tensor, **kwargs) -> tuple[torch.nn.Parameter, torch.optim.AdamW]:
+    param = torch.nn.Parameter(param.clone())
+    return param, torch.optim.AdamW([param], lr=0.1, fused=True, **kwargs)
+
+
+def test_deferred_checks_skip_updates_on_the_device_then_raise_megatrons_error(
+        deferred, monkeypatch):
+    """A NaN validated in iteration 2 reads nothing, makes fused Adam leave the parameters,
+    moments and step count as after iteration 1 (also in iteration 3), and is raised, with
+    megatron's message and the iteration, by the next check."""
+    machine = _machine(rsm.RerunMode.DISABLED)
+    validate = host_syncs._deferred_validation(rsm.RerunStateMachine.validate_result)
+    start = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    param, adam = _adamw(start)
+    adam.found_inf = deferred.skip_flag("cpu")
+    reference, plain = _adamw(start)
+    grads = [torch.randn(6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    results = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(3.0)]
+    for iteration, (grad, result) in enumerate(zip(grads, results)):
+        deferred.args.curr_iteration = iteration
+        with monkeypatch.context() as reads:
+            for name in ("item", "__bool__", "tolist"):
+                reads.setattr(torch.Tensor, name, _no_read)
+            for reject, kind in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+                validate(machine, result=result, rejection_func=reject, tolerance=0.001,
+                         message=f"found {kind} in local grad norm for bucket #0", fatal=True)
+        param.grad, reference.grad = grad.clone(), grad.clone()
+        adam.step()
+        if iteration == 0:
+            plain.step()
+            deferred.check("iteration 1")  # nothing rejected: no error
+        assert torch.equal(param, reference)  # iteration 1's update, then none
+        assert torch.equal(adam.state[param]["exp_avg"], plain.state[reference]["exp_avg"])
+        assert adam.state[param]["step"].item() == 1
+    with pytest.raises(RuntimeError) as error:
+        deferred.check("the log line of iteration 4")
+    text = str(error.value)
+    assert "iteration 2: Unexpected result nan" in text
+    assert "message='found NaN in local grad norm for bucket #0'" in text
+    assert "Found at the log line of iteration 4" in text
+    assert "updates from iteration 2 on" in text and "--rerun-mode validate_results" in text
+
+
+def test_deferred_checks_report_the_earliest_rejection(deferred):
+    validate = host_syncs._deferred_validation(rsm.RerunStateMachine.validate_result)
+    machine = _machine(rsm.RerunMode.DISABLED)
+    for iteration, (loss, norm) in enumerate([(1.0, 1.0), (1.0, float("inf")),
+                                              (float("nan"), float("nan"))]):
+        deferred.args.curr_iteration = iteration
+        validate(machine, torch.tensor(loss), torch.isnan, "loss is NaN")
+        validate(machine, torch.tensor(norm), torch.isinf, "norm is Inf")
+    with pytest.raises(RuntimeError, match=r"iteration 2: Unexpected result inf "
+                                           r"\(message='norm is Inf'\)"):
+        deferred.check("here")
+
+
+@pytest.mark.parametrize("mode,rejection,fatal", [
+    # megatron's default: the rerun machine replays the iteration before the update
+    (rsm.RerunMode.VALIDATE_RESULTS, torch.isnan, True),
+    (rsm.RerunMode.REPORT_DETERMINISM_STATS, torch.isnan, True),
+    (rsm.RerunMode.DISABLED, torch.isnan, False),  # a warning, not an error
+    (rsm.RerunMode.DISABLED, lambda x: x > 10, True),  # e.g. the large-gradient check
 ])
-def test_gradient_check_leaves_validation_stats_injection_and_large_grads_to_megatron(
-        monkeypatch, machine, flags):
-    monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: machine)
+def test_deferral_leaves_other_modes_and_validations_to_megatron(deferred, mode, rejection,
+                                                                 fatal):
     megatron = Recorder()
-    group = _bucket_group(torch.ones(4))
-    host_syncs._check_grads_once(megatron)(group, *flags)
-    assert megatron.calls == [((group, *flags), {})]
+    machine = _machine(mode)
+    host_syncs._deferred_validation(megatron)(machine, torch.tensor(1.0), rejection, "m",
+                                              fatal=fatal)
+    assert len(megatron.calls) == 1 and deferred.first == {}
+
+
+def test_deferral_is_enabled_only_for_fused_torch_adams_without_reruns(monkeypatch):
+    """It needs ``found_inf`` (torch's fused Adam) in every inner optimizer, and megatron's
+    ``--rerun-mode disabled``."""
+    def built(mode, *inner):
+        checks = host_syncs.DeferredChecks()
+        monkeypatch.setattr(host_syncs, "DEFERRED", checks)
+        monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(mode))
+        optimizer = types.SimpleNamespace(chained_optimizers=[
+            types.SimpleNamespace(optimizer=opt) for opt in inner])
+        host_syncs._with_deferred_checks(lambda: optimizer)()
+        return checks.enabled, [getattr(opt, "found_inf", None) for opt in inner]
+
+    def adam(**kwargs):
+        return torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+    enabled, flags = built(rsm.RerunMode.DISABLED, adam(fused=True), adam(fused=True))
+    assert enabled and flags[0] is flags[1] and flags[0].item() == 0.0
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    for mode, inner in ((rsm.RerunMode.VALIDATE_RESULTS, [adam(fused=True)]),
+                        (rsm.RerunMode.DISABLED, [adam(fused=True), adam(foreach=True)]),
+                        (rsm.RerunMode.DISABLED, [adam(fused=True), sgd])):
+        assert built(mode, *inner) == (False, [None] * len(inner))
+
+
+def _training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                  report_memory_flag, skipped_iter, grad_norm, params_norm, num_zeros_in_grad,
+                  max_attention_logit, pg_collection=None, is_first_iteration=False):
+    """megatron's signature; records what it was given."""
+    _training_log.calls.append((iteration, dict(loss_dict), skipped_iter))
+
+
+@pytest.mark.parametrize("iteration,first,skipped,writer,fast", [
+    (5, False, 0, None, True),  # neither a log line nor a TensorBoard write
+    (8, False, 0, None, False),  # a log line (every 4)
+    (1, True, 0, None, False),  # megatron logs the first iteration
+    (6, False, 0, "tb", False),  # a TensorBoard write (every 2)
+    (5, False, 1, None, False),  # a skipped iteration: megatron reads the losses anyway
+])
+def test_loss_sums_skip_megatrons_host_copy_only_where_nothing_is_logged(
+        deferred, monkeypatch, iteration, first, skipped, writer, fast):
+    import megatron.training.global_vars as global_vars
+
+    deferred.args.__dict__.update(log_interval=4, tensorboard_log_interval=2, train_iters=20)
+    monkeypatch.setattr(global_vars, "get_tensorboard_writer", lambda: writer)
+    _training_log.calls = []
+    wrapped = host_syncs._training_log_without_reads(_training_log)
+    losses = {"lm loss": torch.tensor(2.5), "sat omission rate": torch.tensor(0.5)}
+    totals = {"lm loss": torch.tensor([1.0]), "advanced iterations": 3}
+    with monkeypatch.context() as reads:
+        for name in ("item", "__bool__", "tolist"):
+            reads.setattr(torch.Tensor, name, _no_read)
+        wrapped(losses, totals, 1e-4, iteration, 1.0, False, skipped, torch.tensor(0.5), None,
+                None, 0, is_first_iteration=first)
+    assert _training_log.calls == [(iteration, {} if fast else losses, skipped)]
+    if fast:  # megatron's sums: the running one, or 0 + the loss
+        assert torch.equal(totals["lm loss"], torch.tensor([3.5]))
+        assert torch.equal(totals["sat omission rate"], torch.tensor([0.5]))
+    else:
+        assert set(totals) == {"lm loss", "advanced iterations"}
+
+
+@pytest.mark.e2e
+def test_loss_sums_logged_are_megatrons(tmp_path):
+    """The log lines' averages over 4 iterations are the same digits whether megatron sums
+    every loss itself (TensorBoard written every iteration) or the sums of the 3 silent
+    iterations of each window are added by ``host_syncs``."""
+    flags = ["--log-interval", "4", "--sat-omission-rate", "0.5"]
+    ours = pretrain(1, flags + ["--tensorboard-log-interval", "4"], tmp_path / "ours")
+    megatron = pretrain(1, flags, tmp_path / "megatron")
+    assert ours.returncode == 0 and megatron.returncode == 0, ours.output[-3000:]
+    assert sorted(ours.printed) == [1, 4, 8, 12]
+    assert ours.printed == megatron.printed
+    rates = {line.split("sat omission rate: ")[1].split(" ")[0]
+             for line in ours.output.splitlines() if "sat omission rate: " in line}
+    assert rates == {"5.000000E-01"}  # the second loss key is averaged too
 
 
 _INSTALL = r"""
 import json
-import megatron.core.distributed.param_and_grad_buffer as buffers
+import megatron.core.optimizer.clip_grads as clip_grads
 import megatron.core.optimizer.optimizer as optimizers
+import megatron.core.rerun_state_machine as rerun
 import megatron.training.training as training
-from megatron_sat import host_syncs
+from megatron_sat import host_syncs, torch_fusions
 
 first, second = host_syncs.apply(), host_syncs.apply()
 print(json.dumps({"first": first, "second": second, "wrapped": [
     training.reduce_max_stat_across_model_parallel_group.__wrapped__.__module__,
     training.logical_and_across_model_parallel_group.__wrapped__.__name__,
-    buffers._ParamAndGradBucketGroup.check_grads.__wrapped__.__qualname__,
     optimizers.MixedPrecisionOptimizer.__init__.__wrapped__.__qualname__,
-    optimizers.FP32Optimizer.__init__.__wrapped__.__qualname__]}))
+    optimizers.FP32Optimizer.__init__.__wrapped__.__qualname__,
+    rerun.RerunStateMachine.validate_result.__wrapped__.__qualname__,
+    training.get_megatron_optimizer.__wrapped__.__name__,
+    training.training_log.__wrapped__.__name__,
+    training.save_checkpoint.__wrapped__.__name__],
+    "tensor_scale": clip_grads.multi_tensor_scale_tensor_impl is torch_fusions.scale_tensors,
+}))
 """
 
 
 def test_apply_installs_into_megatrons_training_loop_once():
     """In a fresh process: ``apply`` changes megatron's module attributes for good."""
     rec = run_snippet(_INSTALL, timeout=300)
-    assert len(rec["first"]) == 3 and rec["second"] == []
+    assert len(rec["first"]) == 5 and rec["second"] == []
     assert rec["wrapped"] == ["megatron.training.utils.common_utils",
                               "logical_and_across_model_parallel_group",
-                              "_ParamAndGradBucketGroup.check_grads",
-                              "MixedPrecisionOptimizer.__init__", "FP32Optimizer.__init__"]
+                              "MixedPrecisionOptimizer.__init__", "FP32Optimizer.__init__",
+                              "RerunStateMachine.validate_result", "get_megatron_optimizer",
+                              "training_log", "save_checkpoint"]
+    assert rec["tensor_scale"]  # megatron keeps the gradient norm on the device

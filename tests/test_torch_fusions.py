@@ -143,15 +143,18 @@ def test_torch_adams_finds_the_inner_optimizers_of_megatrons_wrappers():
 @pytest.mark.e2e
 def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     """Data-parallel SAT in fp32 with the distributed optimizer: fused Adam, the device
-    gradient norm (clipping on) and the gradient-accumulation stand-in against megatron's
-    foreach Adam, host norm and unfused accumulation. Resumed from a checkpoint written
-    by the fused run in the middle, to check the fused optimizer's saved state."""
+    gradient norm and clipping (clipping on), the NaN/Inf checks deferred to log lines
+    (``--rerun-mode disabled``) and the gradient-accumulation stand-in against megatron's
+    foreach Adam, host norm and clipping, immediate checks and unfused accumulation.
+    Resumed from a checkpoint written by the fused run in the middle, to check the fused
+    optimizer's saved state."""
     flags = ["--attention-dropout", "0", "--hidden-dropout", "0", "--clip-grad", "0.5",
              "--sat-omission-rate", "0.5", "--sat-lors-start", "2",
              "--sat-lors-ladders", "3", "--use-distributed-optimizer"]
     plain = pretrain(2, flags + ["--no-sat-torch-fusions"], tmp_path / "tb-plain")
     assert plain.returncode == 0, plain.output[-6000:]
-    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "5"]
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "5", "--rerun-mode",
+            "disabled"]
     first = pretrain(2, flags + save + ["--exit-interval", "5"], tmp_path / "tb-first",
                      model=TINY_GPT_FUSED_WGRAD)
     assert first.returncode == 0, first.output[-6000:]
@@ -160,8 +163,9 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     assert second.returncode == 0, second.output[-6000:]
     installed = ("[sat] torch fusions: device gradient norm, one-pass gradient clipping, "
                  "gradient-accumulation fusion, fused Adam, host-side model-parallel "
-                 "reductions, host-known loss scale, one read for the gradient NaN/Inf check with "
-                 "--rerun-mode disabled, residual gradient in the norm backward")
+                 "reductions, host-known loss scale, gradient norm and clipping on the device, "
+                 "NaN/Inf checks at log lines with --rerun-mode disabled, loss sums without "
+                 "a host copy, residual gradient in the norm backward")
     assert installed in first.output and "[sat] torch fusions" not in plain.output
     fused = first.exact | second.exact
     assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
@@ -177,6 +181,29 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
             assert got[i] == pytest.approx(want[i], rel=rel), (tag, i, got[i], want[i])
     assert max(read_tensorboard(plain.tensorboard_dir, "grad-norm").values()) > 0.5  # clipped
     assert plain.exact[12] < 0.9 * plain.exact[1]  # it learns: the comparison means something
+
+
+@pytest.mark.e2e
+def test_deferred_nan_check_stops_before_the_checkpoint_with_megatrons_error(tmp_path):
+    """A learning rate of 1e30 makes iteration 2's loss and gradients NaN. megatron's
+    immediate check (fusions off) stops in iteration 2; the deferred one (``--rerun-mode
+    disabled``) names the same iteration and check, and stops before the iteration-3
+    checkpoint save instead of writing it."""
+    flags = ["--lr", "1e30", "--lr-decay-style", "constant", "--clip-grad", "0",
+             "--use-distributed-optimizer", "--rerun-mode", "disabled", "--log-interval", "4"]
+    immediate = pretrain(1, flags + ["--no-sat-torch-fusions",
+                                     "--no-gradient-accumulation-fusion"], tmp_path / "tb-i")
+    deferred = pretrain(1, flags + ["--save", str(tmp_path / "ckpt"), "--save-interval", "3"],
+                        tmp_path / "tb-d")
+    assert immediate.returncode != 0 and deferred.returncode != 0
+    check = "found NaN in local grad norm for bucket #0"
+    assert f"message='{check}" in immediate.output
+    assert sorted(immediate.exact) == [1]  # stopped inside iteration 2
+    assert (f"iteration 2: Unexpected result nan (message='{check} in backward pass before "
+            "data-parallel communication collective'). Found at a checkpoint save") \
+        in deferred.output
+    assert sorted(deferred.exact) == [1, 2, 3]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_switching_fusions_off_without_apex_asks_for_no_gradient_accumulation_fusion(
