@@ -48,8 +48,11 @@ SHAPES = {
 
 # What megatron-core offers without Transformer Engine or Apex. Always on: the fused
 # SwiGLU (megatron's default), torch SDPA flash/cuDNN attention (SAT's core attention).
+# --rerun-mode disabled: no replay of an iteration whose loss or gradient is NaN/Inf
+# (megatron's default validate_results); the checks still stop the run, read at log lines
+# (megatron_sat.host_syncs), so no host read is left between two iterations.
 TUNED = ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native",
-         "--manual-gc", "--manual-gc-interval", "50"]
+         "--manual-gc", "--manual-gc-interval", "50", "--rerun-mode", "disabled"]
 # megatron's plain-torch fallbacks for RoPE, Adam, the gradient norm and (for want of
 # Apex) unfused gradient accumulation, instead of megatron_sat.torch_fusions.
 NO_TORCH_FUSIONS = ["--no-sat-torch-fusions", "--no-gradient-accumulation-fusion"]
@@ -120,6 +123,8 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
            "--log-interval", str(a.log_interval), "--eval-iters", "0",
            "--eval-interval", "100000", "--seed", "1234",
            "--tensorboard-dir", str(log_dir / "tensorboard"),
+           # megatron's default of 1 reads the loss on the host after every iteration
+           "--tensorboard-log-interval", str(a.log_interval),
            "--sat-omission-rate", str(a.rate), "--sat-metric", a.metric,
            "--sat-selection", a.selection, "--sat-gqa-mode", a.gqa_mode,
            *FLAG_SETS[a.flags], *a.extra]

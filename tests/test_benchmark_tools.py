@@ -4,13 +4,17 @@ the charging of GPU idle gaps to host ops (``benchmarks/``)."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 from megatron_sat.config import SATConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_lors  # noqa: E402
 from bench_step import timed_iterations  # noqa: E402
 from profile_summary import (_enclosing_ops, _gaps, _idle_by_op, _idle_by_pass,  # noqa: E402
                              _timeline)
@@ -26,6 +30,55 @@ def test_timed_windows_with_a_log_interval_skip_the_first_window_after_a_switch(
     # blocks of 8, logged every 4 iterations: windows (0, 4], (4, 8], ... ; 3 cycles
     rates = {i: (0.5 if (i - 1) // 8 % 2 == 0 else 0.0) for i in range(4, 49, 4)}
     assert timed_iterations(rates, first=17, interval=4) == [24, 32, 40, 48]
+
+
+def test_lors_windows_start_after_the_warmup():
+    rows = [(1, 900.0, 0.5), (10, 300.0, 0.5), (20, 280.0, 0.5), (30, 350.0, 0.3)]
+    assert bench_lors.windows(rows, first=4) == [
+        {"iterations": [11, 20], "ms": 280.0, "rate": 0.5},
+        {"iterations": [21, 30], "ms": 350.0, "rate": 0.3}]
+
+
+def test_lors_saving_sums_the_windows_and_predicts_from_eq_11(monkeypatch, tmp_path):
+    """Synthetic logs (every 10 iterations, 40 iterations, eta 20, 2 ladders): the SAT
+    run takes exactly the FLOPs-predicted time, so its saving is 100% of the prediction;
+    a window whose logged rate disagrees with Eq. 11 is refused."""
+    from megatron_sat.flops import step_flops
+    from megatron_sat.schedule import lors_rate
+
+    shape = bench_lors.shape_of(bench_lors.SHAPES["tinyllama"])
+    tokens = 16 * 2048
+    rates = {t: lors_rate(t, 0.5, 20, 40, 2) for t in range(1, 41)}
+    assert sorted(set(rates.values())) == [0.0, 0.25, 0.5]
+
+    def log(scale, sat, skew=0.0):
+        rows = [(1, 5000.0, rates[1] if sat else 0.0)]
+        for end in range(10, 41, 10):
+            window = range(end - 9, end + 1)
+            ms = sum(step_flops(shape, tokens, rates[t] if sat else 0.0) for t in window)
+            mean = sum(rates[t] for t in window) / 10 if sat else 0.0
+            rows.append((end, scale * ms / 10, mean + skew))
+        return rows
+
+    def run(skew):
+        logs = iter([log(1e-12, False), log(1e-12, True, skew)])
+        monkeypatch.setattr(bench_lors, "launch", lambda *args: next(logs))
+        monkeypatch.setattr(sys, "argv", ["bench_lors", "--iters", "40", "--lors-start", "20",
+                                          "--lors-ladders", "2", "--micro-batch-size", "16",
+                                          "--global-batch-size", "16",
+                                          "--out", str(tmp_path / "lors.json")])
+        bench_lors.main()
+        return json.loads((tmp_path / "lors.json").read_text())
+
+    got = run(0.0)
+    assert got["timed_iterations"] == [11, 40]
+    assert abs(got["saving_vs_predicted"] - 1.0) < 1e-9
+    want = 1 - sum(step_flops(shape, tokens, rates[t]) for t in range(11, 41)) / (
+        30 * step_flops(shape, tokens, 0.0))
+    assert abs(got["flops_predicted_saving"] - want) < 1e-12 and want > 0.15
+    assert list(got["by_rate"]) == ["0.5", "0.0"]  # windows of one rate throughout
+    with pytest.raises(RuntimeError, match="Eq. 11 gives"):
+        run(0.01)
 
 
 def test_alternating_rate_flips_every_block(monkeypatch):
