@@ -25,8 +25,9 @@ TensorBoard:
    the norm a GPU tensor and clips by a clamped device coefficient when it has a
    tensor-scale kernel (Transformer Engine's); without one it reads the norm to compare
    it with ``--clip-grad`` on the host. :func:`megatron_sat.torch_fusions.scale_tensors`
-   is that kernel. The gradients are then scaled every step, by 1 when the norm is below
-   the threshold: one pass over the fp32 gradients that megatron's host comparison skips.
+   is that kernel. Where the clipped parameters are exactly those of one torch fused Adam,
+   no kernel runs at all: the coefficient's inverse becomes that Adam's ``grad_scale``,
+   which its one pass divides the gradients by (:func:`_clip_in_adam`).
 4. **Deferred NaN/Inf checks** with ``--rerun-mode disabled`` (:class:`DeferredChecks`):
    megatron validates the loss and every gradient bucket's norm (NaN, then Inf) on the
    host, and in that mode only raises an error. The validations are kept on the device
@@ -219,7 +220,38 @@ def _fused_torch_adam(part) -> torch.optim.Optimizer | None:
     return None
 
 
-def _with_deferred_checks(get_megatron_optimizer):
+# id(parameter) -> the fused torch Adam that steps it (ids: tensors compare elementwise;
+# the set comparison in _clip_in_adam checks them against the Adam's live parameters)
+_ADAM_OF: dict[int, torch.optim.Optimizer] = {}
+
+
+def _clip_in_adam(clip_grad_by_total_norm):
+    """megatron's ``clip_grad_by_total_norm_fp32`` with a device norm: when ``parameters``
+    are all the parameters (with gradients) of one fused torch Adam, that Adam divides the
+    gradients by 1 / min(1, max_norm / (norm + 1e-6)) -- megatron's coefficient -- in its
+    update pass instead of a separate scaling pass; otherwise megatron's function."""
+    @functools.wraps(clip_grad_by_total_norm)
+    def wrapper(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        with_grads = [p for p in params if p.grad is not None]
+        adams = {id(_ADAM_OF.get(id(p))): _ADAM_OF.get(id(p)) for p in with_grads}
+        adam = next(iter(adams.values())) if len(adams) == 1 else None
+        if (adam is None or use_decoupled_grad or not isinstance(total_norm, torch.Tensor)
+                or {id(p) for p in with_grads} != {
+                    id(p) for g in adam.param_groups for p in g["params"]
+                    if p.grad is not None}):
+            return clip_grad_by_total_norm(parameters, max_norm, total_norm,
+                                           use_decoupled_grad)
+        coefficient = (max_norm / (total_norm.float() + 1.0e-6)).clamp_max(1.0)
+        adam.grad_scale = coefficient.reciprocal().reshape(())
+        return None
+
+    return wrapper
+
+
+def _with_adam_hooks(get_megatron_optimizer):
+    """Registers each fused torch Adam's parameters for :func:`_clip_in_adam` and, with
+    ``--rerun-mode disabled`` and only fused torch Adams, enables :class:`DeferredChecks`."""
     @functools.wraps(get_megatron_optimizer)
     def wrapper(*args, **kwargs):
         from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
@@ -228,6 +260,10 @@ def _with_deferred_checks(get_megatron_optimizer):
         parts = [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
                  if not getattr(part, "is_stub_optimizer", False)]
         adams = [_fused_torch_adam(part) for part in parts]
+        for adam in filter(None, adams):
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    _ADAM_OF[id(param)] = adam
         if (get_rerun_state_machine().mode == RerunMode.DISABLED and adams
                 and all(adam is not None for adam in adams)):
             for adam in adams:
@@ -313,10 +349,12 @@ def apply() -> list[str]:
         optimizers.FP32Optimizer.__init__, "_scale")
     if clip_grads.multi_tensor_scale_tensor_impl is None:
         clip_grads.multi_tensor_scale_tensor_impl = scale_tensors
+        optimizers.clip_grad_by_total_norm_fp32 = _clip_in_adam(
+            optimizers.clip_grad_by_total_norm_fp32)
         installed.append("gradient norm and clipping on the device")
     rerun.RerunStateMachine.validate_result = _deferred_validation(
         rerun.RerunStateMachine.validate_result)
-    training.get_megatron_optimizer = _with_deferred_checks(training.get_megatron_optimizer)
+    training.get_megatron_optimizer = _with_adam_hooks(training.get_megatron_optimizer)
     training.training_log = _training_log_without_reads(training.training_log)
     training.save_checkpoint = _checked_before(training.save_checkpoint,
                                                "a checkpoint save")

@@ -197,7 +197,7 @@ def test_deferral_is_enabled_only_for_fused_torch_adams_without_reruns(monkeypat
         monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(mode))
         optimizer = types.SimpleNamespace(chained_optimizers=[
             types.SimpleNamespace(optimizer=opt) for opt in inner])
-        host_syncs._with_deferred_checks(lambda: optimizer)()
+        host_syncs._with_adam_hooks(lambda: optimizer)()
         return checks.enabled, [getattr(opt, "found_inf", None) for opt in inner]
 
     def adam(**kwargs):
@@ -210,6 +210,63 @@ def test_deferral_is_enabled_only_for_fused_torch_adams_without_reruns(monkeypat
                         (rsm.RerunMode.DISABLED, [adam(fused=True), adam(foreach=True)]),
                         (rsm.RerunMode.DISABLED, [adam(fused=True), sgd])):
         assert built(mode, *inner) == (False, [None] * len(inner))
+
+
+def _clip_case(monkeypatch, norm_scale):
+    """Two parameters of one fused AdamW registered for clipping, gradients scaled so that
+    their norm is ``norm_scale`` times the clipping threshold 1.0."""
+    monkeypatch.setattr(host_syncs, "_ADAM_OF", {})
+    gen = torch.Generator().manual_seed(1)
+    starts = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    grads = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    grads = [g * (norm_scale / norm) for g in grads]
+    params = [torch.nn.Parameter(p.clone()) for p in starts]
+    adam = torch.optim.AdamW(params, lr=0.1, eps=0.5, fused=True)  # eps: scale matters
+    host_syncs._with_adam_hooks(lambda: types.SimpleNamespace(optimizer=adam))()
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).reshape(1)
+    return starts, grads, params, adam, norm
+
+
+@pytest.mark.parametrize("norm_scale", [4.0, 0.5])
+def test_clipping_inside_fused_adam_equals_megatrons_clip_then_step(monkeypatch, norm_scale):
+    """Clipped (norm 4 > 1) or not (0.5): the same update as megatron's device-coefficient
+    clipping (``grads *= min(1, 1 / (norm + 1e-6))``) followed by the plain fused step, to
+    float32 rounding; no gradient is touched before the step and nothing is read."""
+    starts, grads, params, adam, norm = _clip_case(monkeypatch, norm_scale)
+    megatron = Recorder()
+    with monkeypatch.context() as reads:
+        for name in ("item", "__bool__", "tolist"):
+            reads.setattr(torch.Tensor, name, _no_read)
+        host_syncs._clip_in_adam(megatron)(params, 1.0, norm)
+    assert megatron.calls == [] and all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    adam.step()
+    reference = [torch.nn.Parameter(p.clone()) for p in starts]
+    coefficient = torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+    for p, g in zip(reference, grads):
+        p.grad = g * coefficient
+    torch.optim.AdamW(reference, lr=0.1, eps=0.5, fused=True).step()
+    for got, want in zip(params, reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(params[0], starts[0])
+
+
+def test_clipping_falls_back_to_megatron_unless_it_is_all_of_one_fused_adam(monkeypatch):
+    starts, grads, params, adam, norm = _clip_case(monkeypatch, 4.0)
+    megatron = Recorder()
+    clip = host_syncs._clip_in_adam(megatron)
+    stranger = torch.nn.Parameter(torch.ones(2))
+    stranger.grad = torch.ones(2)
+    cases = [([params[0]], norm, False),  # a subset: Adam's scale would reach the rest
+             (params + [stranger], norm, False),  # not Adam's
+             (params, 2.5, False),  # a host norm (megatron's own path)
+             (params, norm, True)]  # decoupled gradients
+    for parameters, total, decoupled in cases:
+        clip(parameters, 1.0, total, use_decoupled_grad=decoupled)
+    assert [call[0][0] for call in megatron.calls] == [c[0] for c in cases]
+    assert getattr(adam, "grad_scale", None) is None
 
 
 def _training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
@@ -279,6 +336,7 @@ print(json.dumps({"first": first, "second": second, "wrapped": [
     training.logical_and_across_model_parallel_group.__wrapped__.__name__,
     optimizers.MixedPrecisionOptimizer.__init__.__wrapped__.__qualname__,
     optimizers.FP32Optimizer.__init__.__wrapped__.__qualname__,
+    optimizers.clip_grad_by_total_norm_fp32.__wrapped__.__module__,
     rerun.RerunStateMachine.validate_result.__wrapped__.__qualname__,
     training.get_megatron_optimizer.__wrapped__.__name__,
     training.training_log.__wrapped__.__name__,
@@ -295,6 +353,7 @@ def test_apply_installs_into_megatrons_training_loop_once():
     assert rec["wrapped"] == ["megatron.training.utils.common_utils",
                               "logical_and_across_model_parallel_group",
                               "MixedPrecisionOptimizer.__init__", "FP32Optimizer.__init__",
+                              "megatron.core.optimizer.clip_grads",
                               "RerunStateMachine.validate_result", "get_megatron_optimizer",
                               "training_log", "save_checkpoint"]
     assert rec["tensor_scale"]  # megatron keeps the gradient norm on the device

@@ -171,8 +171,10 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
     for i in fused:
         assert fused[i] == pytest.approx(plain.exact[i], rel=1e-5), (i, fused, plain.exact)
-    # what the host now reads without the GPU (host_syncs) is logged as before
-    for tag, rel in (("grad-norm", 1e-4), ("learning-rate", 0), ("loss-scale", 0)):
+    # what the host now reads without the GPU (host_syncs) is logged as before; clipping
+    # inside Adam divides by 1/coefficient where megatron multiplies (one rounding apart,
+    # grown over 11 updates at lr 1e-2)
+    for tag, rel in (("grad-norm", 1e-3), ("learning-rate", 0), ("loss-scale", 0)):
         got = (read_tensorboard(first.tensorboard_dir, tag)
                | read_tensorboard(second.tensorboard_dir, tag))
         want = read_tensorboard(plain.tensorboard_dir, tag)
