@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from megatron_sat import cpu, host_syncs, megatron_fixes, runtime, torch_fusions
+from megatron_sat import cpu, megatron_fixes, runtime, torch_fusions
 from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
@@ -341,7 +341,6 @@ def main() -> None:
     model_config.transformer_layer_spec = partial(_block_spec, sat_config)
     pretrain(pretrain_cfg_container_from_args(args, model_config),
              train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
-    host_syncs.check_deferred()  # NaN/Inf since the last log line (--rerun-mode disabled)
 
 
 if __name__ == "__main__":

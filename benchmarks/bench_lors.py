@@ -53,11 +53,14 @@ def launch(a, s: dict, sat: list[str], log: Path, port: int) -> list[tuple[int, 
             _LINE.findall(proc.stdout + proc.stderr)]
 
 
-def windows(rows: list[tuple[int, float, float]], first: int) -> list[dict]:
+def windows(rows: list[tuple[int, float, float]], first: int, interval: int) -> list[dict]:
     """Log lines as windows of iterations: ``(previous logged, logged]`` with megatron's mean
-    time per iteration and mean omission rate; those starting before ``first`` are dropped."""
+    time per iteration and mean omission rate; those starting before ``first`` are dropped.
+    megatron's extra line after iteration 1 does not restart its window: it is skipped."""
     out, previous = [], 0
     for iteration, ms, rate in sorted(rows):
+        if iteration % interval:
+            continue
         if previous + 1 >= first:
             out.append({"iterations": [previous + 1, iteration], "ms": ms, "rate": rate})
         previous = iteration
@@ -88,7 +91,8 @@ def main() -> None:
                         "--sat-selection", "sampling", "--sat-lors-start", str(a.lors_start),
                         "--sat-lors-ladders", str(a.lors_ladders)], log_dir / "sat.log", 29542)
     shape, tokens = shape_of(s), a.global_batch_size * s["seq"]
-    runs = {"dense": windows(dense, a.warmup + 1), "sat": windows(sat, a.warmup + 1)}
+    runs = {name: windows(rows, a.warmup + 1, a.log_interval)
+            for name, rows in (("dense", dense), ("sat", sat))}
     if [w["iterations"] for w in runs["dense"]] != [w["iterations"] for w in runs["sat"]]:
         raise RuntimeError(f"the runs logged different iterations, see {log_dir}")
     first, last = runs["sat"][0]["iterations"][0], runs["sat"][-1]["iterations"][1]

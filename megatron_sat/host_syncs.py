@@ -32,10 +32,11 @@ TensorBoard:
    megatron validates the loss and every gradient bucket's norm (NaN, then Inf) on the
    host, and in that mode only raises an error. The validations are kept on the device
    and read together at the next log line, before every checkpoint save and when
-   training ends; until then a rejected value sets torch's fused Adam's ``found_inf``
-   flag, so that update and all later ones are skipped on the device and the error leaves
-   the model and optimizer as megatron's immediate error would: as they were before the
-   rejected iteration. Only with torch's fused Adam (the torch fusions' default) and
+   training ends (also through megatron's exits); until then a rejected value sets torch's
+   fused Adam's ``found_inf`` flag -- on every rank, all-reduced before each optimizer
+   step -- so that update and all later ones are skipped on the device and the error
+   leaves the model and optimizer as megatron's immediate error would: as they were
+   before the rejected iteration. Evaluation's validations stay immediate. Only with torch's fused Adam (the torch fusions' default) and
    megatron's plain NaN/Inf validations; in megatron's default ``validate_results`` mode
    the check stays immediate, because the rerun state machine replays a rejected iteration
    before the optimizer step.
@@ -135,12 +136,16 @@ class DeferredChecks:
     For each validation message, the first iteration whose result was rejected and that
     result live in two device scalars; a rejection also sets the per-device ``skip`` flag
     that torch's fused Adam reads as ``found_inf`` (it then leaves parameters, moments and
-    step counts untouched). :meth:`check` reads everything in one transfer and raises
-    megatron's error for the earliest rejection.
+    step counts untouched). With several ranks the flag is all-reduced (max) before every
+    optimizer step, so a rank whose own values were finite -- but whose gradients the
+    reduction made NaN -- skips too, and :meth:`check` agrees on the earliest rejected
+    iteration, so that every rank raises at the same point. :meth:`check` reads everything
+    in one transfer and raises megatron's error for the earliest rejection.
     """
 
     def __init__(self):
         self.enabled = False
+        self.training = False  # inside megatron's train_step: evaluation is not deferred
         self.skip: dict[torch.device, torch.Tensor] = {}
         self.first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -164,31 +169,77 @@ class DeferredChecks:
         first.copy_(torch.where(newly, iteration, first))
         value.copy_(torch.where(newly, result, value))
 
-    def check(self, where: str) -> None:
-        """Raise megatron's error for the earliest rejected result since the start (one read)."""
-        if not self.first:
-            return
-        messages = list(self.first)
-        rows = torch.stack([torch.stack([first.double(), value.double()])
-                            for first, value in self.first.values()]).tolist()
-        rejected = [(int(first), i, value) for i, (first, value) in enumerate(rows)
-                    if first >= 0]
-        if not rejected:
-            return
-        iteration, i, value = min(rejected)
-        from megatron.core.rerun_state_machine import (RerunValidationStatus,
-                                                       get_rerun_state_machine)
+    def agree(self) -> None:
+        """Before an optimizer step: every rank skips if any rank's flag is set (no read)."""
+        if self.enabled and _world_size() > 1:
+            for flag in self.skip.values():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
 
-        get_rerun_state_machine()._log_validation_error_to_file(
-            status=RerunValidationStatus.RERUN_DISABLED, result=value, message=messages[i])
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    def check(self, where: str) -> None:
+        """Raise megatron's error for the earliest rejected result (one read; with several
+        ranks one all-reduce, which every rank makes at the same points)."""
+        if not self.enabled:
+            return
+        device = next(iter(self.skip)) if self.skip else torch.device("cpu")
+        never = 2 ** 52  # no such iteration; exact through the float64 read
+        firsts = [first for first, _ in self.first.values()]
+        earliest = torch.stack([torch.where(f >= 0, f, never) for f in firsts]).min() \
+            if firsts else torch.tensor(never, device=device)
+        if _world_size() > 1:
+            earliest = earliest.to(device).clone()
+            torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
+        rows = torch.stack([torch.stack([first.double(), value.double()])
+                            for first, value in self.first.values()]
+                           + [torch.stack([earliest.double().to(device)] * 2)]).tolist()
+        iteration = int(rows.pop()[0])
+        if iteration == never:
+            return
+        mine = [(int(first), i, value) for i, (first, value) in enumerate(rows)
+                if first == iteration]
+        if not mine:
+            raise RuntimeError(
+                f"Rank {_rank()}: another rank found a NaN/Inf at iteration {iteration} "
+                f"(found at {where}; its error names the check). {_DEFERRED_HELP}"
+                .format(iteration=iteration))
+        _, i, value = mine[0]
+        message = list(self.first)[i]
+        _log_to_tracker_file(iteration, value, message)
         raise RuntimeError(
-            f"Rank {rank}, node {os.uname()[1]}, iteration {iteration}: Unexpected result "
-            f"{value} (message='{messages[i]}'). Found at {where}: with --rerun-mode disabled "
-            "megatron-sat checks NaN/Inf at log lines and checkpoint saves, and skipped the "
-            f"optimizer updates from iteration {iteration} on, so the model and optimizer "
-            "state are those before it and no checkpoint holds a later update. "
-            "--rerun-mode validate_results checks every iteration.")
+            f"Rank {_rank()}, node {os.uname()[1]}, iteration {iteration}: Unexpected result "
+            f"{value} (message='{message}'). Found at {where}. {_DEFERRED_HELP}"
+            .format(iteration=iteration))
+
+
+_DEFERRED_HELP = (
+    "With --rerun-mode disabled megatron-sat checks NaN/Inf at log lines, checkpoint saves "
+    "and the end of training, and skipped the optimizer updates from iteration "
+    "{iteration} on, so the model and optimizer state are those before it and no "
+    "checkpoint holds a later update. --rerun-mode validate_results checks every iteration.")
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _log_to_tracker_file(iteration: int, value: float, message: str) -> None:
+    """megatron's ``--result-rejected-tracker-filename`` line, numbered as megatron would
+    have numbered the rejected iteration (its reruns skip iterations by that number)."""
+    from megatron.core.rerun_state_machine import (RerunValidationStatus,
+                                                   get_rerun_state_machine)
+    from megatron.training.global_vars import get_args
+
+    machine = get_rerun_state_machine()
+    now, counter = get_args().curr_iteration + 1, machine.current_iteration
+    machine.current_iteration = counter - (now - iteration)
+    try:
+        machine._log_validation_error_to_file(
+            status=RerunValidationStatus.RERUN_DISABLED, result=value, message=message)
+    finally:
+        machine.current_iteration = counter
 
 
 DEFERRED = DeferredChecks()
@@ -201,14 +252,40 @@ def _deferred_validation(validate_result):
         from megatron.core.rerun_state_machine import RerunMode
         from megatron.training.global_vars import get_args
 
-        if (DEFERRED.enabled and self.mode == RerunMode.DISABLED and fatal
-                and rejection_func in (torch.isnan, torch.isinf)
+        if (DEFERRED.enabled and DEFERRED.training and self.mode == RerunMode.DISABLED
+                and fatal and rejection_func in (torch.isnan, torch.isinf)
                 and isinstance(result, torch.Tensor) and result.numel() == 1):
             # numbered as megatron's log lines number iterations
             DEFERRED.defer(result, rejection_func, message, get_args().curr_iteration + 1)
             return
         validate_result(self, result, rejection_func, message, comparison_func, tolerance,
                         fatal)
+
+    return wrapper
+
+
+def _in_training(train_step):
+    """megatron's ``train_step``: the validations inside it may be deferred."""
+    @functools.wraps(train_step)
+    def wrapper(*args, **kwargs):
+        DEFERRED.training = True
+        try:
+            return train_step(*args, **kwargs)
+        finally:
+            DEFERRED.training = False
+
+    return wrapper
+
+
+def _checked_after(train):
+    """megatron's ``train``, which may also end in ``sys.exit`` (exit interval, duration,
+    signal): the deferred check runs however it ends."""
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        finally:
+            DEFERRED.check("the end of training")
 
     return wrapper
 
@@ -240,6 +317,9 @@ def _clip_in_adam(clip_grad_by_total_norm):
                 or {id(p) for p in with_grads} != {
                     id(p) for g in adam.param_groups for p in g["params"]
                     if p.grad is not None}):
+            for other in adams.values():  # megatron scales: no earlier coefficient on top
+                if other is not None:
+                    other.grad_scale = None
             return clip_grad_by_total_norm(parameters, max_norm, total_norm,
                                            use_decoupled_grad)
         coefficient = (max_norm / (total_norm.float() + 1.0e-6)).clamp_max(1.0)
@@ -264,15 +344,35 @@ def _with_adam_hooks(get_megatron_optimizer):
             for group in adam.param_groups:
                 for param in group["params"]:
                     _ADAM_OF[id(param)] = adam
-        if (get_rerun_state_machine().mode == RerunMode.DISABLED and adams
-                and all(adam is not None for adam in adams)):
+        eligible = (get_rerun_state_machine().mode == RerunMode.DISABLED
+                    and all(adam is not None for adam in adams))
+        if _world_size() > 1:  # once, at set-up: all ranks defer or none does
+            agreed = torch.tensor([int(eligible)], device=_device())
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            eligible = bool(agreed.item())
+        if eligible:
+            DEFERRED.skip_flag(_device())
             for adam in adams:
-                device = adam.param_groups[0]["params"][0].device
-                adam.found_inf = DEFERRED.skip_flag(device)
+                adam.found_inf = DEFERRED.skip_flag(adam.param_groups[0]["params"][0].device)
+            step = optimizer.step
+
+            @functools.wraps(step)
+            def step_after_agreeing(*args, **kwargs):
+                DEFERRED.agree()
+                return step(*args, **kwargs)
+
+            optimizer.step = step_after_agreeing
             DEFERRED.enabled = True
         return optimizer
 
     return wrapper
+
+
+def _device() -> torch.device:
+    """Where megatron keeps this rank's model (the CPU in megatron_sat.cpu's mode)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _checked_before(function, where: str):
@@ -301,7 +401,7 @@ def _training_log_without_reads(training_log):
         given, megatron_args = call.arguments, get_args()
         iteration = given["iteration"]
         logs = iteration % megatron_args.log_interval == 0 or given["is_first_iteration"]
-        if logs or iteration == megatron_args.train_iters:
+        if logs:
             DEFERRED.check(f"the log line of iteration {iteration}")
         writes = (get_tensorboard_writer() is not None
                   and iteration % megatron_args.tensorboard_log_interval == 0)
@@ -317,11 +417,6 @@ def _training_log_without_reads(training_log):
     return wrapper
 
 
-def check_deferred(where: str = "the end of training") -> None:
-    """Raise the error of any rejected NaN/Inf validation not yet reported (item 4)."""
-    DEFERRED.check(where)
-
-
 _applied = False
 
 
@@ -334,6 +429,7 @@ def apply() -> list[str]:
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizers
     import megatron.core.rerun_state_machine as rerun
+    import megatron.training.checkpointing as checkpointing
     import megatron.training.training as training
 
     from megatron_sat.torch_fusions import scale_tensors
@@ -356,8 +452,10 @@ def apply() -> list[str]:
         rerun.RerunStateMachine.validate_result)
     training.get_megatron_optimizer = _with_adam_hooks(training.get_megatron_optimizer)
     training.training_log = _training_log_without_reads(training.training_log)
-    training.save_checkpoint = _checked_before(training.save_checkpoint,
-                                               "a checkpoint save")
+    training.train_step = _in_training(training.train_step)
+    training.train = _checked_after(training.train)
+    save = _checked_before(checkpointing.save_checkpoint, "a checkpoint save")
+    checkpointing.save_checkpoint = training.save_checkpoint = save
     installed += ["NaN/Inf checks at log lines with --rerun-mode disabled",
                   "loss sums without a host copy"]
     return installed

@@ -34,9 +34,12 @@ def test_timed_windows_with_a_log_interval_skip_the_first_window_after_a_switch(
 
 def test_lors_windows_start_after_the_warmup():
     rows = [(1, 900.0, 0.5), (10, 300.0, 0.5), (20, 280.0, 0.5), (30, 350.0, 0.3)]
-    assert bench_lors.windows(rows, first=4) == [
+    assert bench_lors.windows(rows, first=4, interval=10) == [
         {"iterations": [11, 20], "ms": 280.0, "rate": 0.5},
         {"iterations": [21, 30], "ms": 350.0, "rate": 0.3}]
+    # megatron's line after iteration 1 does not restart the window: 10 covers 1-10
+    assert bench_lors.windows(rows, first=1, interval=10)[0]["iterations"] == [1, 10]
+    assert len(bench_lors.windows(rows, first=1, interval=1)) == 4
 
 
 def test_lors_saving_sums_the_windows_and_predicts_from_eq_11(monkeypatch, tmp_path):

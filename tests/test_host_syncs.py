@@ -8,13 +8,17 @@ must still reach megatron's own code.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 from _launch import pretrain
-from _tools import run_snippet
+from _tools import REPO, run_snippet
 from megatron.core import rerun_state_machine as rsm
 
 from megatron_sat import host_syncs
@@ -108,7 +112,7 @@ def deferred(monkeypatch):
     import megatron.training.global_vars as global_vars
 
     checks = host_syncs.DeferredChecks()
-    checks.enabled = True
+    checks.enabled = checks.training = True
     monkeypatch.setattr(host_syncs, "DEFERRED", checks)
     args = types.SimpleNamespace(curr_iteration=0)
     monkeypatch.setattr(global_vars, "get_args", lambda: args)
@@ -172,6 +176,106 @@ def test_deferred_checks_report_the_earliest_rejection(deferred):
         deferred.check("here")
 
 
+def test_deferred_checks_raise_at_log_lines_and_however_training_ends(deferred, monkeypatch,
+                                                                       tmp_path):
+    """A pending rejection is raised by the next log line (not by a silent iteration), by
+    the end of ``train`` even when megatron ends it with ``sys.exit``, and is written to
+    megatron's tracker file under the number megatron gives the rejected iteration."""
+    import megatron.training.global_vars as global_vars
+
+    machine = _machine(rsm.RerunMode.DISABLED)
+    machine.result_rejected_tracker_filename = str(tmp_path / "tracker")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # in megatron's line
+    monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: machine)
+    deferred.args.__dict__.update(log_interval=4, tensorboard_log_interval=4, train_iters=20)
+    monkeypatch.setattr(global_vars, "get_tensorboard_writer", lambda: None)
+    validate = host_syncs._deferred_validation(rsm.RerunStateMachine.validate_result)
+    deferred.args.curr_iteration, machine.current_iteration = 5, 6  # iteration 6 runs
+    validate(machine, torch.tensor(float("inf")), torch.isinf, "norm is Inf")
+    _training_log.calls = []
+    log = host_syncs._training_log_without_reads(_training_log)
+    log({}, {}, 1e-4, 7, 1.0, False, 0, None, None, None, 0)  # silent: no check
+    deferred.args.curr_iteration, machine.current_iteration = 7, 8
+    with pytest.raises(RuntimeError, match="iteration 6: .*Found at the log line of "
+                                           "iteration 8"):
+        log({}, {}, 1e-4, 8, 1.0, False, 0, None, None, None, 0)
+    assert [call[0] for call in _training_log.calls] == [7]
+    # megatron's counter read 6 while iteration 6 ran: its own line would say 7
+    assert "iteration=7 " in (tmp_path / "tracker").read_text()
+
+    def train_that_exits():
+        raise SystemExit(0)
+
+    with pytest.raises(RuntimeError, match="Found at the end of training") as error:
+        host_syncs._checked_after(train_that_exits)()
+    assert isinstance(error.value.__context__, SystemExit)
+    deferred.first.clear()
+    assert host_syncs._checked_after(lambda: "done")() == "done"
+
+
+def test_evaluation_validations_are_not_deferred(deferred):
+    """Outside megatron's train_step (evaluation) megatron's immediate check runs."""
+    megatron = Recorder()
+    deferred.training = False
+    host_syncs._deferred_validation(megatron)(_machine(rsm.RerunMode.DISABLED),
+                                              torch.tensor(float("nan")), torch.isnan, "m")
+    assert len(megatron.calls) == 1 and deferred.first == {}
+    seen = []
+    host_syncs._in_training(lambda: seen.append(deferred.training))()
+    assert seen == [True] and deferred.training is False
+
+
+_TWO_RANKS = r"""
+import json, sys, types
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def worker(rank, path, out):
+    import megatron.training.global_vars as global_vars
+    from megatron_sat import host_syncs
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    global_vars.get_args = lambda: types.SimpleNamespace(curr_iteration=4)
+    checks = host_syncs.DEFERRED
+    checks.enabled = True
+    if rank == 0:  # only rank 0 sees the NaN (its own loss); rank 1's values are finite
+        checks.defer(torch.tensor(float("nan")), torch.isnan, "loss is NaN", 3)
+    checks.defer(torch.tensor(1.0), torch.isinf, "norm is Inf", 4)
+    before = checks.skip_flag("cpu").item()
+    checks.agree()
+    try:
+        checks.check("a test")
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    json.dump({"before": before, "after": checks.skip_flag("cpu").item(), "error": error},
+              open(f"{out}{rank}", "w"))
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+    print(json.dumps([json.load(open(f"{sys.argv[2]}{r}")) for r in range(2)]))
+"""
+
+
+def test_deferred_checks_agree_across_ranks(tmp_path):
+    """Two gloo ranks, a NaN on rank 0 only: after ``agree`` both skip the update, and
+    both raise at the same check, rank 1 pointing to the other rank's error."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "store"),
+                          str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (first["before"], second["before"]) == (1.0, 0.0)
+    assert first["after"] == second["after"] == 1.0
+    assert "iteration 3: Unexpected result nan (message='loss is NaN')" in first["error"]
+    assert "another rank found a NaN/Inf at iteration 3" in second["error"]
+
+
 @pytest.mark.parametrize("mode,rejection,fatal", [
     # megatron's default: the rerun machine replays the iteration before the update
     (rsm.RerunMode.VALIDATE_RESULTS, torch.isnan, True),
@@ -195,7 +299,7 @@ def test_deferral_is_enabled_only_for_fused_torch_adams_without_reruns(monkeypat
         checks = host_syncs.DeferredChecks()
         monkeypatch.setattr(host_syncs, "DEFERRED", checks)
         monkeypatch.setattr(rsm, "get_rerun_state_machine", lambda: _machine(mode))
-        optimizer = types.SimpleNamespace(chained_optimizers=[
+        optimizer = types.SimpleNamespace(step=lambda: None, chained_optimizers=[
             types.SimpleNamespace(optimizer=opt) for opt in inner])
         host_syncs._with_adam_hooks(lambda: optimizer)()
         return checks.enabled, [getattr(opt, "found_inf", None) for opt in inner]
@@ -216,6 +320,7 @@ def _clip_case(monkeypatch, norm_scale):
     """Two parameters of one fused AdamW registered for clipping, gradients scaled so that
     their norm is ``norm_scale`` times the clipping threshold 1.0."""
     monkeypatch.setattr(host_syncs, "_ADAM_OF", {})
+    monkeypatch.setattr(host_syncs, "DEFERRED", host_syncs.DeferredChecks())
     gen = torch.Generator().manual_seed(1)
     starts = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
     grads = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
@@ -223,7 +328,7 @@ def _clip_case(monkeypatch, norm_scale):
     grads = [g * (norm_scale / norm) for g in grads]
     params = [torch.nn.Parameter(p.clone()) for p in starts]
     adam = torch.optim.AdamW(params, lr=0.1, eps=0.5, fused=True)  # eps: scale matters
-    host_syncs._with_adam_hooks(lambda: types.SimpleNamespace(optimizer=adam))()
+    host_syncs._with_adam_hooks(lambda: types.SimpleNamespace(optimizer=adam, step=adam.step))()
     for p, g in zip(params, grads):
         p.grad = g.clone()
     norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).reshape(1)
@@ -263,10 +368,11 @@ def test_clipping_falls_back_to_megatron_unless_it_is_all_of_one_fused_adam(monk
              (params + [stranger], norm, False),  # not Adam's
              (params, 2.5, False),  # a host norm (megatron's own path)
              (params, norm, True)]  # decoupled gradients
+    adam.grad_scale = torch.tensor(4.0)  # an earlier step's, in Adam
     for parameters, total, decoupled in cases:
         clip(parameters, 1.0, total, use_decoupled_grad=decoupled)
     assert [call[0][0] for call in megatron.calls] == [c[0] for c in cases]
-    assert getattr(adam, "grad_scale", None) is None
+    assert adam.grad_scale is None  # megatron scaled: not again in Adam
 
 
 def _training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
@@ -288,6 +394,7 @@ def test_loss_sums_skip_megatrons_host_copy_only_where_nothing_is_logged(
     import megatron.training.global_vars as global_vars
 
     deferred.args.__dict__.update(log_interval=4, tensorboard_log_interval=2, train_iters=20)
+    deferred.enabled = False  # the log line's own check reads; not this test's subject
     monkeypatch.setattr(global_vars, "get_tensorboard_writer", lambda: writer)
     _training_log.calls = []
     wrapped = host_syncs._training_log_without_reads(_training_log)

@@ -206,6 +206,16 @@ def test_deferred_nan_check_stops_before_the_checkpoint_with_megatrons_error(tmp
         in deferred.output
     assert sorted(deferred.exact) == [1, 2, 3]
     assert not (tmp_path / "ckpt").exists()
+    # two data-parallel ranks, clipping on (a NaN norm reaches Adam's grad_scale): both
+    # ranks skip and stop at the same save instead of one hanging in a collective
+    flags[flags.index("--clip-grad") + 1] = "1.0"
+    both = pretrain(2, flags + ["--save", str(tmp_path / "ckpt2"), "--save-interval", "3"],
+                    tmp_path / "tb-2")
+    assert both.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: RuntimeError: Rank {rank}, node" in both.output
+    assert "iteration 2: Unexpected result nan" in both.output
+    assert not (tmp_path / "ckpt2").exists()
 
 
 def test_switching_fusions_off_without_apex_asks_for_no_gradient_accumulation_fusion(
