@@ -290,13 +290,6 @@ def _checked_after(train):
     return wrapper
 
 
-def _fused_torch_adam(part) -> torch.optim.Optimizer | None:
-    inner = getattr(part, "optimizer", None)
-    if isinstance(inner, torch.optim.Adam) and all(g.get("fused") for g in inner.param_groups):
-        return inner
-    return None
-
-
 # id(parameter) -> the fused torch Adam that steps it (ids: tensors compare elementwise;
 # the set comparison in _clip_in_adam checks them against the Adam's live parameters)
 _ADAM_OF: dict[int, torch.optim.Optimizer] = {}
@@ -311,7 +304,7 @@ def _clip_in_adam(clip_grad_by_total_norm):
     def wrapper(parameters, max_norm, total_norm, use_decoupled_grad=False):
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         with_grads = [p for p in params if p.grad is not None]
-        adams = {id(_ADAM_OF.get(id(p))): _ADAM_OF.get(id(p)) for p in with_grads}
+        adams = {id(a): a for a in (_ADAM_OF.get(id(p)) for p in with_grads)}
         adam = next(iter(adams.values())) if len(adams) == 1 else None
         if (adam is None or use_decoupled_grad or not isinstance(total_norm, torch.Tensor)
                 or {id(p) for p in with_grads} != {
@@ -331,21 +324,25 @@ def _clip_in_adam(clip_grad_by_total_norm):
 
 def _with_adam_hooks(get_megatron_optimizer):
     """Registers each fused torch Adam's parameters for :func:`_clip_in_adam` and, with
-    ``--rerun-mode disabled`` and only fused torch Adams, enables :class:`DeferredChecks`."""
+    ``--rerun-mode disabled`` and only fused torch Adams, enables :class:`DeferredChecks`.
+    Wraps torch_fusions' fused-Adam wrapper (an Adam not yet fused is left alone)."""
     @functools.wraps(get_megatron_optimizer)
     def wrapper(*args, **kwargs):
         from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
 
+        from megatron_sat.torch_fusions import torch_adams
+
         optimizer = get_megatron_optimizer(*args, **kwargs)
-        parts = [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
-                 if not getattr(part, "is_stub_optimizer", False)]
-        adams = [_fused_torch_adam(part) for part in parts]
-        for adam in filter(None, adams):
+        stepping = [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
+                    if not getattr(part, "is_stub_optimizer", False)]
+        adams = [adam for adam in torch_adams(optimizer)
+                 if all(group.get("fused") for group in adam.param_groups)]
+        for adam in adams:
             for group in adam.param_groups:
                 for param in group["params"]:
                     _ADAM_OF[id(param)] = adam
         eligible = (get_rerun_state_machine().mode == RerunMode.DISABLED
-                    and all(adam is not None for adam in adams))
+                    and len(adams) == len(stepping))  # every stepping part a fused Adam
         if _world_size() > 1:  # once, at set-up: all ranks defer or none does
             agreed = torch.tensor([int(eligible)], device=_device())
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)

@@ -102,7 +102,7 @@ def apply() -> list[str]:
         tp_layers._grad_accum_fusion_available = True
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
-    installed += host_syncs.apply()
+    installed += host_syncs.apply()  # after: its optimizer hook needs the fused update
     if not torch.cuda.is_available():  # the torch reference, so CPU runs take this path
         norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual
         installed.append("residual gradient in the norm backward")
