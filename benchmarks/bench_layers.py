@@ -8,11 +8,13 @@ buffers attached (as under megatron's DDP). For each block and rate it reports t
   the same with ``--sat-selection-kernel torch``, side by side),
 * ``kept``: a dense layer whose width is the kept width (the ideal for SAT),
 
-the time of selection alone (scores + sampling, run back to back: ``selection_ms``, which
-measures the host's launch latency, as selection's kernels are tiny) and selection's GPU
-kernel time (``selection_gpu_ms``, its cost when the host runs ahead of the GPU), the
-ratios dense/sat (speedup), kept/sat (how close to ideal) and selection/sat, plus a
-torch.profiler table of the SAT layer's top kernels. Writes JSON.
+the GPU kernel time of the SAT and kept layers (``sat_gpu_ms``, ``kept_gpu_ms``: what a
+layer costs when the host runs ahead of the GPU, as it does in a whole training step; a
+small layer's wall time is the host's), the time of selection alone (scores + sampling,
+run back to back: ``selection_ms``, which measures the host's launch latency, as
+selection's kernels are tiny) and selection's GPU kernel time (``selection_gpu_ms``), the
+ratios dense/sat (speedup), kept/sat (how close to ideal, by wall and by GPU time) and
+selection/sat, plus a torch.profiler table of the SAT layer's top kernels. Writes JSON.
 
     python benchmarks/bench_layers.py --out results/layers.json
 """
@@ -190,13 +192,17 @@ def main():
             else:
                 qpg = SHAPE["heads"] // SHAPE["groups"]
                 kept = build(block, 0.0, heads=SHAPE["groups"] * (qpg - int(qpg * r)))
-            kept_ms = timed(step_fn(kept, block))
-            rec = {"block": block, "rate": r, "dense_ms": dense_ms, "kept_ms": kept_ms}
+            kept_ms, kept_gpu_ms = timed(step_fn(kept, block)), gpu_ms(step_fn(kept, block))
+            rec = {"block": block, "rate": r, "dense_ms": dense_ms, "kept_ms": kept_ms,
+                   "kept_gpu_ms": kept_gpu_ms}
             for kernel, m in sat_m.items():
                 tag = "" if kernel == "auto" else "_torch_selection"
                 sel_ms = timed(selection_fn(m, block, r))
                 sel_gpu_ms = gpu_ms(selection_fn(m, block, r))
+                sat_gpu_ms = gpu_ms(step_fn(m, block))
                 rec.update({f"sat_ms{tag}": sat_ms[kernel], f"selection_ms{tag}": sel_ms,
+                            f"sat_gpu_ms{tag}": sat_gpu_ms,
+                            f"sat_vs_kept_gpu{tag}": kept_gpu_ms / sat_gpu_ms,
                             f"selection_gpu_ms{tag}": sel_gpu_ms,
                             f"speedup{tag}": dense_ms / sat_ms[kernel],
                             f"sat_vs_kept{tag}": kept_ms / sat_ms[kernel],

@@ -6,8 +6,13 @@ iteration whose CPU range launched it (through the launch's correlation id), the
 iteration this reports:
 
 * ``wall_ms``: the CPU range of the iteration (what the training loop waited for);
+* ``gpu_span_ms``: from the first kernel of the iteration to the end of its last one: the
+  iteration as the GPU ran it. Once the host runs ahead of the GPU (no read between
+  iterations), the host's range and the GPU's no longer line up, so the figures below are
+  taken over the GPU span; ``host_lead_ms`` is how long after the host's range began the
+  first kernel started;
 * ``gpu_busy_ms``: the union of kernel intervals (overlapping streams counted once);
-* ``gpu_idle_fraction``: 1 - busy / wall: the GPU waiting for the host (launch overhead,
+* ``gpu_idle_fraction``: 1 - busy / span: the GPU waiting for the host (launch overhead,
   Python, synchronisation) when large;
 * ``host_sync_ms``: time the host spent in CUDA calls that wait for the device;
 * kernel time by category (matmul, attention, index gather/scatter, elementwise, ...), the
@@ -18,7 +23,7 @@ iteration this reports:
   host-bound stretches show which code the GPU waited for;
 * ``gpu_idle_by_pass_ms``: the same gaps by pass: ``backward`` when an autograd engine
   function launched the kernel ending the gap, else ``forward/other``;
-* ``timeline``: the iteration in 20 equal slices, each with the GPU's busy fraction and
+* ``timeline``: the iteration's GPU span in 20 equal slices, each with the GPU's busy fraction and
   the median lead of the host (kernel start minus its launch: near zero where the GPU
   waits for the host, large where the host runs ahead), and the largest gaps with their
   offset in the iteration and the host's op stack.
@@ -147,19 +152,32 @@ def _timeline(kernels: list[dict], launches: dict, gaps, start: float, stop: flo
 _SYNC = re.compile(r"Synchronize|cudaMemcpy(?!Async)|cudaStreamWaitEvent", re.I)
 
 
+def phase_of(iteration: int, rates: dict[int, float]) -> str:
+    """``sat`` or ``dense`` for a 1-based iteration, from megatron's logged rates. With a
+    log interval above 1 only every interval-th iteration is logged, with its window's
+    mean: an iteration takes the rate of the first logged iteration at or after it."""
+    logged = [i for i in sorted(rates) if i >= iteration]
+    return "sat" if logged and rates[logged[0]] > 0 else "dense"
+
+
 def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) -> dict:
     """Per-iteration summary of the trace. ``ProfilerStep#k`` is megatron's 1-based
     iteration k; ``rates`` (iteration -> omission rate, from megatron's log) labels each
-    step ``sat`` or ``dense``."""
+    step ``sat`` or ``dense`` (:func:`phase_of`). Kernels belong to the iteration whose
+    host range launched them (through the launch's correlation id), whenever they ran."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    longest = {}  # a step appears on more than one track: keep the CPU range
+    # A step appears on the host's track (``user_annotation``) and, as the span of the
+    # kernels it launched, on the GPU's (``gpu_user_annotation``); launches are matched to
+    # the host's range. Taking the longer of the two (as before) picked the GPU's range
+    # once the host ran a step ahead, and charged launches to the wrong steps.
+    host_range = {}
     for e in events:
-        if e.get("ph") == "X" and e.get("name", "").startswith("ProfilerStep#"):
-            if e["dur"] > longest.get(e["name"], (0, 0))[1] - longest.get(e["name"], (0, 0))[0]:
-                longest[e["name"]] = (e["ts"], e["ts"] + e["dur"])
-    steps = sorted((start, stop, name) for name, (start, stop) in longest.items())
+        if (e.get("ph") == "X" and e.get("cat") == "user_annotation"
+                and e.get("name", "").startswith("ProfilerStep#")):
+            host_range[e["name"]] = (e["ts"], e["ts"] + e["dur"])
+    steps = sorted((start, stop, name) for name, (start, stop) in host_range.items())
     launch_step, syncs = {}, defaultdict(lambda: defaultdict(float))
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
@@ -189,19 +207,21 @@ def summarize(path: Path, rates: dict[int, float] | None = None, top: int = 40) 
         for k in ks:
             by_cat[category(k["name"])] += k["dur"] / 1e3
             by_name[k["name"][:120]] += k["dur"] / 1e3
-        wall = (stop - start) / 1e3
         busy = _union_ms([(k["ts"], k["ts"] + k["dur"]) for k in ks])
-        number = int(name.split("#")[1])
+        gpu_start = min((k["ts"] for k in ks), default=start)
+        gpu_stop = max((k["ts"] + k["dur"] for k in ks), default=start)
+        span = (gpu_stop - gpu_start) / 1e3
         out.append({
-            "step": name, "phase": "sat" if (rates or {}).get(number, 0.0) > 0 else "dense",
-            "wall_ms": wall, "host_sync_ms": dict(syncs[i]),
-            "gpu_busy_ms": busy, "gpu_idle_fraction": 1 - busy / wall if wall else None,
+            "step": name, "phase": phase_of(int(name.split("#")[1]), rates or {}),
+            "wall_ms": (stop - start) / 1e3, "gpu_span_ms": span,
+            "host_lead_ms": (gpu_start - start) / 1e3, "host_sync_ms": dict(syncs[i]),
+            "gpu_busy_ms": busy, "gpu_idle_fraction": 1 - busy / span if span else None,
             "kernel_launches": len(ks),
             "by_category_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:top]),
             "gpu_idle_by_op_ms": _idle_by_op(gaps),
             "gpu_idle_by_pass_ms": _idle_by_pass(gaps),
-            "timeline": _timeline(ks, launches, gaps, start, stop),
+            "timeline": _timeline(ks, launches, gaps, gpu_start, gpu_stop),
         })
     return {"trace": str(path), "steps": out}
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_lors  # noqa: E402
 from bench_step import timed_iterations  # noqa: E402
 from profile_summary import (_enclosing_ops, _gaps, _idle_by_op, _idle_by_pass,  # noqa: E402
-                             _timeline)
+                             _timeline, phase_of, summarize)
 
 
 def test_timed_iterations_skip_warmup_and_the_first_after_each_switch():
@@ -131,3 +131,45 @@ def test_idle_gaps_are_charged_to_the_op_that_launched_the_next_kernel():
     assert line["busy_fraction"] == [0.46, 0.02, 0.0, 0.0]
     assert line["median_host_lead_ms"][:2] == [0.009, 0.099]
     assert line["largest_gaps"][0] == {"at_ms": 0.15, "gap_ms": 0.25, "host_ops": ["aten::sort"]}
+
+
+def test_phase_of_a_window_follows_the_next_logged_iteration():
+    rates = {4: 0.5, 8: 0.0, 12: 0.5}  # --log-interval 4: window means
+    assert [phase_of(i, rates) for i in (1, 4, 5, 8, 9, 11, 12, 13)] == \
+        ["sat", "sat", "dense", "dense", "sat", "sat", "sat", "dense"]
+
+
+def test_summary_follows_the_gpu_when_the_host_runs_a_step_ahead(tmp_path):
+    """Step 2's host range ends before step 1's kernels do: kernels are charged to the
+    step that launched them, and span, idle and lead are the GPU's."""
+    def cpu(name, ts, dur):
+        return {"ph": "X", "cat": "user_annotation", "name": name, "ts": ts, "dur": dur,
+                "tid": 1}
+
+    def launch(corr, ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts,
+                "dur": 1, "tid": 1, "args": {"correlation": corr}}
+
+    def kernel(corr, name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                "args": {"correlation": corr}}
+
+    events = [cpu("ProfilerStep#11", 0, 100), cpu("ProfilerStep#12", 100, 100),
+              # the GPU's track spans each step's kernels: longer, and not the host's range
+              dict(cpu("ProfilerStep#11", 50, 450), cat="gpu_user_annotation"),
+              dict(cpu("ProfilerStep#12", 500, 250), cat="gpu_user_annotation"),
+              launch(1, 10), launch(2, 20), launch(3, 110), launch(4, 120),
+              kernel(1, "nvjet_gemm", 50, 300), kernel(2, "_rms_norm_forward", 400, 100),
+              kernel(3, "nvjet_gemm", 500, 200), kernel(4, "indexFuncLargeIndex", 700, 50)]
+    trace = tmp_path / "rank-0.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    steps = summarize(trace, {12: 0.5, 16: 0.0})["steps"]
+    assert [s["phase"] for s in steps] == ["sat", "sat"]
+    first, second = steps
+    assert first["by_category_ms"] == {"matmul": 0.3, "norm/reduction": 0.1}
+    assert second["by_category_ms"] == {"matmul": 0.2, "index gather/scatter": 0.05}
+    assert first["wall_ms"] == 0.1 and first["gpu_span_ms"] == 0.45  # 50..500 us
+    assert first["gpu_busy_ms"] == 0.4 and first["host_lead_ms"] == 0.05
+    assert first["gpu_idle_fraction"] == pytest.approx(1 - 0.4 / 0.45)
+    assert second["gpu_span_ms"] == 0.25 and second["host_lead_ms"] == 0.4
+    assert second["gpu_idle_fraction"] == 0.0
