@@ -24,6 +24,7 @@ from megatron_sat import cpu, megatron_fixes, runtime, torch_fusions
 from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
+from megatron_sat.sparse_linear import track_zeroed_main_grads
 from megatron_sat.spec import get_sat_block_spec
 from megatron_sat.throughput import ThroughputMeter, meter_from_args
 from megatron_sat.vocab import ConversionError, check_tokenizer_fits_checkpoint
@@ -337,6 +338,7 @@ def main() -> None:
     _install_torch_fusions(args)
     _Run.sat_config = sat_config
     runtime.set_dummy_wgrad(args.overlap_grad_reduce)
+    track_zeroed_main_grads()
     model_config = gpt_config_from_args(args)
     model_config.transformer_layer_spec = partial(_block_spec, sat_config)
     pretrain(pretrain_cfg_container_from_args(args, model_config),

@@ -17,9 +17,13 @@ forward + backward, and the largest difference from an fp32 eager reference.
 
 Weight gradients (``wgrad``): the kept slice's gradient of TinyLlama's fc1 (rows) and fc2
 (columns) at r = 0.5 added into an fp32 ``main_grad``, as a bf16 GEMM then a cast then
-``index_add_``, against a GEMM with an fp32 result then ``index_add_`` (what
-``SubsetMatmul`` does on CUDA), next to the dense layer's fp32-accumulating GEMM into
-``main_grad``.
+``index_add_``, against a GEMM with an fp32 result then ``index_add_``, and then
+:func:`~megatron_sat.fused_scatter.scatter_kept` (what ``SubsetMatmul`` does on CUDA), next
+to the dense layer's fp32-accumulating GEMM into ``main_grad``. The scatter alone
+(``scatter``) at TinyLlama's and Llama-2-7B's fc1 and fc2: torch's ``index_add_`` and
+``index_copy_`` against ``scatter_kept`` adding and writing (the Triton kernel for rows,
+torch for columns), with the bandwidth each reaches (bytes that must move: the slice
+read, ``main_grad``'s kept part read when adding, and written).
 
 The maxip statistic (``statistic``): the token mean of a block's bf16 input as torch's
 column reduction (fp32) and a cast to bf16, against the GEMV z^T (1/m) that
@@ -54,6 +58,7 @@ import torch  # noqa: E402
 
 from megatron_sat import megatron_fixes  # noqa: E402
 from megatron_sat.config import kept_channels, kept_count  # noqa: E402
+from megatron_sat.fused_scatter import scatter_kept  # noqa: E402
 from megatron_sat.torch_fusions import compiled_rope  # noqa: E402
 from profile_summary import gpu_ms  # noqa: E402
 
@@ -173,6 +178,8 @@ def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
                 dim, index, torch.mm(gy.t(), x).float()),
             "fp32-result GEMM, index_add": lambda: main_grad.index_add_(
                 dim, index, torch.mm(gy.t(), x, out_dtype=torch.float32)),
+            "fp32-result GEMM, scatter_kept": lambda: scatter_kept(
+                main_grad, dim, index, torch.mm(gy.t(), x, out_dtype=torch.float32)),
             "dense: fp32-accumulating GEMM into main_grad": lambda: torch.addmm(
                 main_grad, gy_full.t(), x_full, out_dtype=torch.float32, out=main_grad),
         }
@@ -180,6 +187,34 @@ def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
             ms = cuda_ms(fn, iters)
             rows.append({"kernel": "wgrad", "variant": name, "layer": layer, "rate": 0.5,
                          "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms})
+    return rows
+
+
+def scatter_cases() -> list[dict]:
+    rows = []
+    for model, hidden, ffn in (("tinyllama", 2048, 5632), ("llama2-7b", 4096, 11008)):
+        kept = kept_channels(ffn, 0.5, 64)
+        for layer, shape, dim, n_kept in (("fc1", (2 * ffn, hidden), 0, 2 * kept),
+                                          ("fc2", (hidden, ffn), 1, kept)):
+            main_grad = torch.zeros(shape, device="cuda")
+            index = torch.randperm(shape[dim], device="cuda")[:n_kept].sort().values
+            grad_kept = torch.randn(*((n_kept, shape[1]) if dim == 0 else (shape[0], n_kept)),
+                                    device="cuda")
+            variants = {
+                "torch index_add_": (True, lambda: main_grad.index_add_(dim, index, grad_kept)),
+                "torch index_copy_": (False, lambda: main_grad.index_copy_(dim, index,
+                                                                           grad_kept)),
+                "scatter_kept, adding": (True, lambda: scatter_kept(main_grad, dim, index,
+                                                                    grad_kept, True)),
+                "scatter_kept, writing": (False, lambda: scatter_kept(main_grad, dim, index,
+                                                                      grad_kept, False)),
+            }
+            for name, (adds, fn) in variants.items():
+                ms = gpu_ms(fn)
+                moved = grad_kept.numel() * 4 * (3 if adds else 2)
+                rows.append({"kernel": "scatter", "variant": name, "layer": f"{model} {layer}",
+                             "rate": 0.5, "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
+                             "bandwidth_tb_s": moved / ms / 1e9})
     return rows
 
 
@@ -268,6 +303,7 @@ CASES = {
     "swiglu": lambda a: swiglu_cases(a.tokens, a.ffn, a.iters),
     "rope": lambda a: rope_cases(2048, a.tokens // 2048, 4, 8, a.iters),
     "wgrad": lambda a: wgrad_cases(a.tokens, 2048, a.ffn, a.iters),
+    "scatter": lambda a: scatter_cases(),
     "statistic": lambda a: statistic_cases(a.tokens, 2048),
     "norm_loss": lambda a: norm_loss_cases(a.tokens, 2048, 32000, a.iters),
 }

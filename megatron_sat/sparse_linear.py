@@ -15,8 +15,12 @@ sequence parallelism), on tensors that are already narrower.
 
 Gradients: :class:`SubsetMatmul` computes the weight gradient of the kept slice only. When
 megatron's DDP gives the weight a ``main_grad`` buffer, the slice is added straight into it
-(``index_add_``) and no full-size weight gradient exists; omitted rows/columns get exactly
-zero. Without DDP (unit tests, plain torch) a dense ``.grad`` is returned instead.
+(:mod:`megatron_sat.fused_scatter`) and no full-size weight gradient exists; omitted
+rows/columns get exactly zero. Without DDP (unit tests, plain torch) a dense ``.grad`` is
+returned instead. After :func:`track_zeroed_main_grads`, the first micro-batch of an
+iteration writes the slice instead of adding it: megatron's DDP has just zeroed
+``main_grad`` (its ``zero_grad_buffer`` marks the weights ``sat_main_grad_zeroed``), and a
+dense forward of the layer, whose gradient megatron then adds, clears the mark.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     reduce_scatter_to_sequence_parallel_region)
 
 from megatron_sat import runtime
+from megatron_sat.fused_scatter import scatter_kept
 
 
 class SubsetMatmul(torch.autograd.Function):
@@ -73,12 +78,33 @@ def _accumulate_weight_grad(weight, dim, index, gy_t, x):
         grad_kept = torch.mm(gy_t, x, out_dtype=main_grad.dtype)
     else:
         grad_kept = torch.matmul(gy_t, x).to(main_grad.dtype)
-    main_grad.index_add_(dim, index, grad_kept)
+    zeroed = getattr(weight, "sat_main_grad_zeroed", False)
+    weight.sat_main_grad_zeroed = False
+    scatter_kept(main_grad, dim, index, grad_kept, accumulate=not zeroed)
     if hasattr(weight, "grad_added_to_main_grad"):
         weight.grad_added_to_main_grad = True
     if runtime.dummy_wgrad_enabled():
         return torch.empty_like(weight)
     return None
+
+
+def track_zeroed_main_grads() -> None:
+    """Make megatron DDP's ``zero_grad_buffer`` (called at the start of every training
+    iteration) mark its parameters ``sat_main_grad_zeroed``, so that the first kept-slice
+    gradient of the iteration is written rather than added. Idempotent."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    zero = DistributedDataParallel.zero_grad_buffer
+    if getattr(zero, "_sat_marks_zeroed", False):
+        return
+
+    def zero_grad_buffer(self):
+        zero(self)
+        for param in self.module.parameters():
+            param.sat_main_grad_zeroed = True
+
+    zero_grad_buffer._sat_marks_zeroed = True
+    DistributedDataParallel.zero_grad_buffer = zero_grad_buffer
 
 
 @contextmanager
@@ -98,6 +124,7 @@ class SATColumnParallelLinear(ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         if self.kept is None:
+            self.weight.sat_main_grad_zeroed = False  # megatron adds this gradient
             return super().forward(input_, *args, **kwargs)
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
@@ -118,6 +145,7 @@ class SATRowParallelLinear(RowParallelLinear):
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         if self.kept is None:
+            self.weight.sat_main_grad_zeroed = False  # megatron adds this gradient
             return super().forward(input_, *args, **kwargs)
         y = SubsetMatmul.apply(input_, self.weight, self.kept, 1)
         if self.sequence_parallel:

@@ -343,6 +343,50 @@ def recompute_case(tp):
     return {"case": f"recompute tp{tp}", "max_error": diff, "draws": draws}
 
 
+def ddp_accumulation_case(tp):
+    """Micro-batches accumulated in megatron's DDP grad buffer, whose ``zero_grad_buffer``
+    marks ``main_grad`` zeroed (``track_zeroed_main_grads``): the first SAT micro-batch
+    writes its kept slice, the next ones add, a dense micro-batch before them keeps its
+    gradient, and the next iteration starts from zero. Reference: the same module without
+    ``main_grad``, where autograd sums each micro-batch's dense ``.grad``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron_sat.sparse_linear import track_zeroed_main_grads
+    track_zeroed_main_grads()
+    cfg = transformer_config(tp, False)
+    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling")
+    reseed(23)
+    mlp = build_mlp(cfg, sat)
+    reseed(23)
+    reference = build_mlp(cfg, sat)  # the same weights
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), mlp)
+    out = []
+    # (iteration, [training mode of each micro-batch]): eval = dense (r = 0) forward
+    for it, modes in ((1, [True, True]), (2, [False, True]), (3, [True, True, True])):
+        runtime.set_iteration(it)
+        ddp.zero_grad_buffer()
+        marked = all(getattr(p, "sat_main_grad_zeroed", False) for p in mlp.parameters())
+        reference.zero_grad()
+        for module in (mlp, reference):
+            module.set_layer_number(1)  # the same draws in both
+        for mb, training in enumerate(modes):
+            x = shared_randn(SEQ, BATCH, HIDDEN, seed=40 + 10 * it + mb)
+            cot = shared_randn(SEQ, BATCH, HIDDEN, seed=41 + 10 * it + mb)
+            for module in (ddp, reference):
+                module.train(training)
+                y, _ = module(x)
+                (y * cot).sum().backward()
+        errs = {}
+        for name, p in mlp.named_parameters():
+            want = dict(reference.named_parameters())[name].grad
+            errs[name] = (p.main_grad - want).abs().max().item()
+        out.append({"case": f"ddp accumulation tp{tp} iteration {it}",
+                    "micro_batches": ["sat" if t else "dense" for t in modes],
+                    "marked_zeroed": marked, "main_grad_errors": errs,
+                    "scale": max(dict(reference.named_parameters())[n].grad.abs().max().item()
+                                 for n in errs)})
+    return out
+
+
 def main(path):
     dist.init_process_group(backend="gloo")
     tp = dist.get_world_size()
@@ -367,6 +411,7 @@ def main(path):
     records.append(stock_model_equivalence(tp))
     runtime.set_iteration(3)
     records.append(recompute_case(tp))
+    records += ddp_accumulation_case(tp)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(records, f, indent=1)

@@ -97,3 +97,19 @@ def test_recompute_reuses_indices_and_gives_identical_gradients(records):
     r = recs[f"recompute tp{tp}"]
     assert r["max_error"] == 0.0
     assert r["draws"] == [1, 1]
+
+
+def test_micro_batches_accumulate_in_megatron_ddp_grad_buffer(records):
+    """The first SAT micro-batch after ``zero_grad_buffer`` writes its kept slice, later
+    ones add; a dense micro-batch first, or a new iteration, is handled (see
+    ``ddp_accumulation_case``)."""
+    _, recs = records
+    cases = [r for r in recs.values() if r["case"].startswith("ddp accumulation")]
+    assert [r["micro_batches"] for r in cases] == [
+        ["sat", "sat"], ["dense", "sat"], ["sat", "sat", "sat"]]
+    for r in cases:
+        assert r["marked_zeroed"], r["case"]
+        assert r["scale"] > 0.05, r["case"]
+        assert set(r["main_grad_errors"]) == {"linear_fc1.weight", "linear_fc2.weight"}
+        for name, err in r["main_grad_errors"].items():
+            assert err < TOL, (r["case"], name, err)
