@@ -51,6 +51,9 @@ shrinks with the omission rate. :func:`apply` replaces them
    information on one model-parallel rank are answered on the host, the gradient norm and
    clipping stay on the device, and with ``--rerun-mode disabled`` the NaN/Inf checks are
    read at log lines and checkpoint saves, the optimizer skipping updates on the device.
+10. **Manual garbage collection** (:mod:`megatron_sat.manual_gc`): with ``--manual-gc``
+    megatron's periodic full collections stop walking the objects that live for the
+    whole run (0.3 s of host time each on the H100 hosts).
 
 ``--no-sat-torch-fusions`` leaves megatron's fallbacks in place (for A/B benchmarks).
 Nothing is replaced where TE or Apex provide the real kernel.
@@ -64,7 +67,7 @@ import types
 
 import torch
 
-from megatron_sat import host_syncs, norm
+from megatron_sat import host_syncs, manual_gc, norm
 
 _applied = False
 
@@ -103,6 +106,7 @@ def apply() -> list[str]:
     training.get_megatron_optimizer = _with_fused_adam(training.get_megatron_optimizer)
     installed.append("fused Adam")
     installed += host_syncs.apply()  # after: its optimizer hook needs the fused update
+    installed += manual_gc.apply()
     if not torch.cuda.is_available():  # the torch reference, so CPU runs take this path
         norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual
         installed.append("residual gradient in the norm backward")

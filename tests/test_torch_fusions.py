@@ -150,7 +150,8 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
     optimizer's saved state."""
     flags = ["--attention-dropout", "0", "--hidden-dropout", "0", "--clip-grad", "0.5",
              "--sat-omission-rate", "0.5", "--sat-lors-start", "2",
-             "--sat-lors-ladders", "3", "--use-distributed-optimizer"]
+             "--sat-lors-ladders", "3", "--use-distributed-optimizer", "--manual-gc",
+             "--manual-gc-interval", "3"]
     plain = pretrain(2, flags + ["--no-sat-torch-fusions"], tmp_path / "tb-plain")
     assert plain.returncode == 0, plain.output[-6000:]
     save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "5", "--rerun-mode",
@@ -165,7 +166,8 @@ def test_pretrain_with_fusions_matches_megatrons_fallbacks(tmp_path):
                  "gradient-accumulation fusion, fused Adam, host-side model-parallel "
                  "reductions, host-known loss scale, gradient norm and clipping on the device, "
                  "NaN/Inf checks at log lines with --rerun-mode disabled, loss sums without "
-                 "a host copy, residual gradient in the norm backward")
+                 "a host copy, manual gc that skips start-up objects, residual gradient "
+                 "in the norm backward")
     assert installed in first.output and "[sat] torch fusions" not in plain.output
     fused = first.exact | second.exact
     assert sorted(fused) == sorted(plain.exact) == list(range(1, 13))
