@@ -192,6 +192,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="tinyllama")
     p.add_argument("--name", default=None, help="case name in the JSON (default: shape)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="number of layers (default: the shape's; the Llama-2-7B layer shape "
+                        "takes as many as fit)")
     p.add_argument("--rate", type=float, default=0.5)
     p.add_argument("--metric", default="maxip")
     p.add_argument("--selection", default="sampling")
@@ -221,7 +224,7 @@ def main() -> None:
     if a.log_interval < 1 or a.block % a.log_interval:
         p.error(f"--log-interval {a.log_interval} must divide --block {a.block}")
     a.name = a.name or a.shape
-    s = SHAPES[a.shape]
+    s = SHAPES[a.shape] | ({"layers": a.layers} if a.layers else {})
     log_dir = a.out.with_suffix("")
     log_dir.mkdir(parents=True, exist_ok=True)
     r = run_case(a, s, log_dir)

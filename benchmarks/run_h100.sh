@@ -32,7 +32,8 @@ fi
 if part step; then
   # TinyLlama at micro-batch 16 with megatron_sat's torch fusions and without; at 4
   # (host-bound); SAT's memory saving spent on micro-batch 32 (runs out of memory: the
-  # fp32 logits); the Llama-2-7B layers at micro-batch 2
+  # fp32 logits); the Llama-2-7B layer shape at as many layers as fit dense (12) and
+  # micro-batch 4, one log line per 4 iterations
   for flags in tuned tuned-megatron; do
     step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 16 \
       --global-batch-size 32 --flags "$flags" --out "$OUT/step_tinyllama_mbs16_$flags.json"
@@ -41,14 +42,15 @@ if part step; then
     --out "$OUT/step_tinyllama_mbs4.json"
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 32 --global-batch-size 32 \
     --block 2 --cycles 1 --out "$OUT/step_tinyllama_mbs32.json"
-  step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 2 --global-batch-size 8 \
-    --out "$OUT/step_llama2_7b_8l_mbs2.json"
+  step benchmarks/bench_step.py --shape llama2-7b-8l --layers 12 --name llama2-7b-12l \
+    --micro-batch-size 4 --global-batch-size 8 --block 8 --log-interval 4 \
+    --out "$OUT/step_llama2_7b_12l_mbs4_log4.json"
 fi
 if part profile; then  # where the GPU time goes: two SAT and two dense iterations each
   step benchmarks/bench_step.py --shape tinyllama --micro-batch-size 16 --global-batch-size 32 \
     --profile --out "$OUT/profile_tinyllama_mbs16.json"
-  step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 2 --global-batch-size 8 \
-    --profile --out "$OUT/profile_llama2_7b_8l_mbs2.json"
+  step benchmarks/bench_step.py --shape llama2-7b-8l --micro-batch-size 4 --global-batch-size 8 \
+    --block 8 --log-interval 4 --cycles 3 --profile --out "$OUT/profile_llama2_7b_8l_mbs4.json"
 fi
 if part lors; then  # target 5
   step benchmarks/bench_lors.py --shape tinyllama --iters 300 --lors-start 200 \
