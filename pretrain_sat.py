@@ -120,6 +120,12 @@ def _install_torch_fusions(args: argparse.Namespace) -> None:
 
 def _sat_config(args: argparse.Namespace) -> SATConfig:
     """The validated SAT config; exits with status 2 on a bad setting."""
+    if getattr(args, "cuda_graph_impl", "none") != "none":
+        # A replayed graph runs none of the Python that draws the neurons (every replay
+        # would keep the captured ones) or that chooses between writing and adding the
+        # kept gradient.
+        _fail(f"--cuda-graph-impl {args.cuda_graph_impl}: SAT selects neurons in Python at "
+              "every forward, which a CUDA graph replay skips; use --cuda-graph-impl none")
     try:
         return sat_config_from_args(args).validate_model(
             num_attention_heads=args.num_attention_heads,

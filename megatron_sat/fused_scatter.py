@@ -70,8 +70,11 @@ def triton_scatter_rows(main_grad: torch.Tensor, index: torch.Tensor,
     grad_kept``."""
     if main_grad.dim() != 2 or main_grad.stride(1) != 1:
         raise ValueError("main_grad must be 2D with contiguous rows")
-    grad_kept = grad_kept.contiguous()
+    grad_kept, index = grad_kept.contiguous(), index.contiguous()
     n_kept, n_columns = grad_kept.shape
+    if index.shape != (n_kept,) or n_columns != main_grad.shape[1]:
+        raise ValueError(f"index {tuple(index.shape)} and grad_kept {tuple(grad_kept.shape)} "
+                         f"do not match main_grad {tuple(main_grad.shape)}")
     grid = (triton.cdiv(n_kept, BLOCK_ROWS), triton.cdiv(n_columns, BLOCK_COLUMNS))
     _scatter_rows_kernel[grid](grad_kept, index, main_grad, n_kept, n_columns,
                                main_grad.stride(0), ACCUMULATE=accumulate,

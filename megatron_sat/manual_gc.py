@@ -9,7 +9,8 @@ iteration at an interval of 4), during which the host issues no kernel and the G
 dry; at the default interval of 50 that is ~6 ms per iteration, for dense and SAT alike.
 
 :func:`apply` gives megatron's training loop a collector (:class:`FreezingCollector`)
-that, after its second full collection -- the first runs when ``train()`` starts, the
+that, after its second full collection with the automatic collector off (so only under
+``--manual-gc``) -- the first runs when ``train()`` starts, the
 second at the first interval or evaluation, once start-up and the first iterations'
 compilation have built what lives for the whole run -- moves every survivor to the
 interpreter's permanent generation (``gc.freeze()``). Later collections walk only what was
@@ -34,7 +35,7 @@ class FreezingCollector:
 
     def collect(self, generation: int = 2) -> int:
         found = gc.collect(generation)
-        if generation == 2:
+        if generation == 2 and not gc.isenabled():  # --manual-gc turned it off
             self.full_collections += 1
             if self.full_collections == self.freeze_after:
                 gc.freeze()

@@ -18,7 +18,8 @@ import torch
 from megatron_sat.fused_scatter import triton_scatter_rows
 
 # (rows, columns, kept rows): sizes that fill no tile evenly
-SHAPES = [(37, 70, 13), (5, 300, 3), (70, 1030, 41), (9, 2049, 9)]
+STRIDED_COLUMNS = 33  # this shape scatters into a column view of a wider main_grad
+SHAPES = [(37, 70, 13), (5, 300, 3), (70, 1030, 41), (9, 2049, 9), (21, STRIDED_COLUMNS, 8)]
 # Llama-2-7B's fc1 (rows [gate; up]) at r = 0.5, TinyLlama's QKV in heads mode
 MODEL_SHAPES = [(22016, 4096, 11008), (3072, 2048, 1536)]
 
@@ -34,6 +35,13 @@ def records(shapes=SHAPES, device="cpu", dtype=torch.float32) -> list[dict]:
             got = before.clone()
             triton_scatter_rows(got, index, grad_kept, accumulate)
             want = before.clone()
+            if cols == STRIDED_COLUMNS:  # a view whose rows are longer than its columns
+                wide = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)
+                wide[:, :cols] = before
+                outside = wide[:, cols:].clone()
+                triton_scatter_rows(wide[:, :cols], index, grad_kept, accumulate)
+                got = wide[:, :cols]
+                assert torch.equal(wide[:, cols:], outside), "wrote outside the view"
             if accumulate:
                 want.index_add_(0, index, grad_kept)
             else:

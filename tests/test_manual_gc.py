@@ -60,3 +60,13 @@ def test_survivors_of_the_second_full_collection_are_frozen(collector):
     del long_lived
     collector.collect()
     assert long_ref() is not None
+
+
+def test_nothing_is_frozen_while_the_automatic_collector_runs(collector):
+    """Without --manual-gc megatron's loop collects only around fp8 checkpoint saves."""
+    gc.enable()
+    unfrozen = gc.get_freeze_count()
+    for _ in range(3):
+        collector.collect()
+    assert gc.get_freeze_count() == unfrozen
+    gc.disable()

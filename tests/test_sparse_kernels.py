@@ -82,13 +82,15 @@ def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim):
 @pytest.mark.parametrize("dim", [0, 1])
 def test_first_slice_after_zeroing_is_written_then_added(dim):
     """``sat_main_grad_zeroed`` (set by megatron DDP's ``zero_grad_buffer``): the first
-    backward writes the kept slice and clears the mark; the next one adds."""
+    backward writes the kept slice (over the kept positions only) and clears the mark; the
+    next one adds."""
     torch.manual_seed(1)
     weight = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([0, 2, 5]) if dim == 0 else torch.tensor([1, 3, 4, 7])
-    weight.main_grad = torch.zeros(6, 8, dtype=torch.float64)
+    # not zero, against the mark: the first slice must replace, not add to, what is there
+    weight.main_grad = torch.full((6, 8), 100.0, dtype=torch.float64)
     weight.sat_main_grad_zeroed = True
-    want = torch.zeros(6, 8, dtype=torch.float64)
+    want = torch.full((6, 8), 100.0, dtype=torch.float64).index_fill_(dim, index, 0.0)
     for _ in range(2):
         x = torch.randn(5, 8 if dim == 0 else 4, dtype=torch.float64)
         g = torch.randn(5, 3 if dim == 0 else 6, dtype=torch.float64)
@@ -104,8 +106,9 @@ def scatter_records(tmp_path_factory):
 
 
 def test_triton_row_scatter_equals_index_add_and_index_copy(scatter_records):
-    # 4 shapes x add/write, none filling the kernel's tiles evenly (one kept row = all)
-    assert len(scatter_records) == 8
+    # 4 shapes x add/write, none filling the kernel's tiles evenly (one kept row = all),
+    # and a main_grad whose rows are longer than the slice's (a column view)
+    assert len(scatter_records) == 10
     for r in scatter_records:
         _check_scatter(r)
 
@@ -121,6 +124,6 @@ def test_cuda_triton_row_scatter_equals_index_add_and_index_copy():
     sys.path.insert(0, str(Path(__file__).parent))
     from fused_scatter_cases import MODEL_SHAPES, SHAPES, records
     out = records(SHAPES + MODEL_SHAPES, device="cuda")
-    assert len(out) == 12
+    assert len(out) == 14
     for r in out:
         _check_scatter(r)
