@@ -160,19 +160,26 @@ def cuda_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
-    rows = []
+def kept_layers(hidden: int, ffn: int):
+    """fc1 (kept rows [gate; up]) and fc2 (kept columns) of a SwiGLU MLP at r = 0.5:
+    (layer, dim, number kept, a zero fp32 ``main_grad``, sorted random kept indices)."""
     kept = kept_channels(ffn, 0.5, 64)
     for layer, shape, dim, n_kept in (("fc1", (2 * ffn, hidden), 0, 2 * kept),
                                       ("fc2", (hidden, ffn), 1, kept)):
-        main_grad = torch.zeros(shape, device="cuda")
         index = torch.randperm(shape[dim], device="cuda")[:n_kept].sort().values
-        gy = torch.randn(tokens, n_kept if dim == 0 else shape[0], device="cuda",
+        yield layer, dim, n_kept, torch.zeros(shape, device="cuda"), index
+
+
+def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
+    rows = []
+    for layer, dim, n_kept, main_grad, index in kept_layers(hidden, ffn):
+        n_out, n_in = main_grad.shape
+        gy = torch.randn(tokens, n_kept if dim == 0 else n_out, device="cuda",
                          dtype=torch.bfloat16)
-        x = torch.randn(tokens, shape[1] if dim == 0 else n_kept, device="cuda",
+        x = torch.randn(tokens, n_in if dim == 0 else n_kept, device="cuda",
                         dtype=torch.bfloat16)
-        gy_full = torch.randn(tokens, shape[0], device="cuda", dtype=torch.bfloat16)
-        x_full = torch.randn(tokens, shape[1], device="cuda", dtype=torch.bfloat16)
+        gy_full = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+        x_full = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
         variants = {
             "bf16 GEMM, cast, index_add": lambda: main_grad.index_add_(
                 dim, index, torch.mm(gy.t(), x).float()),
@@ -193,12 +200,9 @@ def wgrad_cases(tokens: int, hidden: int, ffn: int, iters: int) -> list[dict]:
 def scatter_cases() -> list[dict]:
     rows = []
     for model, hidden, ffn in (("tinyllama", 2048, 5632), ("llama2-7b", 4096, 11008)):
-        kept = kept_channels(ffn, 0.5, 64)
-        for layer, shape, dim, n_kept in (("fc1", (2 * ffn, hidden), 0, 2 * kept),
-                                          ("fc2", (hidden, ffn), 1, kept)):
-            main_grad = torch.zeros(shape, device="cuda")
-            index = torch.randperm(shape[dim], device="cuda")[:n_kept].sort().values
-            grad_kept = torch.randn(*((n_kept, shape[1]) if dim == 0 else (shape[0], n_kept)),
+        for layer, dim, n_kept, main_grad, index in kept_layers(hidden, ffn):
+            n_out, n_in = main_grad.shape
+            grad_kept = torch.randn(*((n_kept, n_in) if dim == 0 else (n_out, n_kept)),
                                     device="cuda")
             variants = {
                 "torch index_add_": (True, lambda: main_grad.index_add_(dim, index, grad_kept)),

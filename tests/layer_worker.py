@@ -375,15 +375,13 @@ def ddp_accumulation_case(tp):
                 module.train(training)
                 y, _ = module(x)
                 (y * cot).sum().backward()
-        errs = {}
-        for name, p in mlp.named_parameters():
-            want = dict(reference.named_parameters())[name].grad
-            errs[name] = (p.main_grad - want).abs().max().item()
+        want = {name: p.grad for name, p in reference.named_parameters()}
+        errs = {name: (p.main_grad - want[name]).abs().max().item()
+                for name, p in mlp.named_parameters()}
         out.append({"case": f"ddp accumulation tp{tp} iteration {it}",
                     "micro_batches": ["sat" if t else "dense" for t in modes],
                     "marked_zeroed": marked, "main_grad_errors": errs,
-                    "scale": max(dict(reference.named_parameters())[n].grad.abs().max().item()
-                                 for n in errs)})
+                    "scale": max(want[name].abs().max().item() for name in errs)})
     return out
 
 
