@@ -126,6 +126,12 @@ def _sat_config(args: argparse.Namespace) -> SATConfig:
         # kept gradient.
         _fail(f"--cuda-graph-impl {args.cuda_graph_impl}: SAT selects neurons in Python at "
               "every forward, which a CUDA graph replay skips; use --cuda-graph-impl none")
+    if args.reset_attention_mask:
+        # the attention (megatron_sat.core_attention) is causal over the whole sequence
+        _fail("--reset-attention-mask: SAT's attention runs causal fused kernels over the "
+              "whole sequence and applies no per-document mask; drop --reset-attention-mask "
+              "(documents packed into one sequence then see the earlier ones, as in Llama "
+              "pre-training)")
     try:
         return sat_config_from_args(args).validate_model(
             num_attention_heads=args.num_attention_heads,
@@ -175,9 +181,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
         reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
+        reset_attention_mask=False,  # refused in _sat_config
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
+        # SAT's attention is causal on fused kernels and reads no mask: building one
+        # ([micro-batch, 1, s, s] booleans, 64 MiB at 16 x 2048) and copying it to the GPU
+        # would cost the host and 1.2 ms of every TinyLlama micro-batch on an H100
+        create_attention_mask=False,
     )
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples,
@@ -200,8 +209,7 @@ def _get_batch(data_iterator, vp_stage=None, training: bool = True) -> dict:
 
     Without a host synchronisation: the tensors are copied to the GPU asynchronously
     (megatron's loader pins them) and broadcast with the shapes every rank knows,
-    [micro-batch, sequence] ([micro-batch, 1, sequence, sequence] for an attention mask),
-    the micro-batch being ``--eval-micro-batch-size`` in evaluation.
+    [micro-batch, sequence], the micro-batch being ``--eval-micro-batch-size`` in evaluation.
     megatron's ``broadcast_data`` instead exchanges the shapes through the GPU and copies
     synchronously, so the host waits for the previous micro-batch's backward to finish
     and the GPU then idles while the host issues the forward (docs/performance.md).
@@ -212,8 +220,6 @@ def _get_batch(data_iterator, vp_stage=None, training: bool = True) -> dict:
     shape = (args.micro_batch_size if training else args.eval_micro_batch_size,
              args.seq_length)
     shapes = {key: (shape, dtype) for key, dtype in BATCH_KEYS.items()}
-    if args.create_attention_mask_in_dataloader:
-        shapes["attention_mask"] = ((shape[0], 1, shape[1], shape[1]), torch.bool)
     device = torch.cuda.current_device()
     group = mpu.get_tensor_model_parallel_group()
     if mpu.get_tensor_model_parallel_rank() == 0:
@@ -322,8 +328,8 @@ def forward_step(data_iterator, model, vp_stage=None):
     timers("batch-generator", log_level=2).start()
     batch = _get_batch(data_iterator, vp_stage, model.training)
     timers("batch-generator").stop()
-    output_tensor = model(batch.get("tokens"), batch.get("position_ids"),
-                          batch.get("attention_mask"), labels=batch.get("labels"))
+    output_tensor = model(batch.get("tokens"), batch.get("position_ids"), None,
+                          labels=batch.get("labels"))
     return output_tensor, partial(loss_func, batch.get("loss_mask"), rate)
 
 

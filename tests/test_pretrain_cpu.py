@@ -181,8 +181,10 @@ def test_distributed_optimizer_resumes_exactly(runs, tmp_path, precision):
      "--tokenizer-model /nonexistent/tokenizer.model: file not found"),
     (MOCK_DATA + ["--cuda-graph-impl", "local"], {},
      "--cuda-graph-impl local: SAT selects neurons in Python"),
+    (MOCK_DATA + ["--reset-attention-mask"], {},
+     "--reset-attention-mask: SAT's attention runs causal fused kernels"),
 ], ids=["rate-1", "rate-negative", "unknown-metric", "heads-over-tp", "missing-data",
-        "missing-tokenizer", "cuda-graphs"])
+        "missing-tokenizer", "cuda-graphs", "reset-attention-mask"])
 def test_bad_input_fails_early_naming_the_flag(tmp_path, flags, env, message):
     save = ["--save", str(tmp_path / "checkpoint"), "--save-interval", "6"]
     result = run_script(TINY_GPT + TRAINING + flags + save, env=env)
