@@ -223,17 +223,29 @@ def scatter_cases() -> list[dict]:
 
 
 def statistic_cases(tokens: int, hidden: int) -> list[dict]:
+    """maxip's token mean of a layer norm's output: on its own (torch, the GEMV), and the
+    norm's forward without it, followed by the GEMV, and computing it in its pass."""
+    from megatron_sat.fused_rmsnorm import fused_rms_norm_with_residual
     from megatron_sat.importance import input_statistic
-    z = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    z = fused_rms_norm_with_residual(x, w, 1e-5)[0]
     ref = z.float().mean(dim=0)
     rows = []
     for name, fn in {
             "torch mean (fp32) + cast": lambda: torch.mean(z, 0, dtype=torch.float32).to(z.dtype),
-            "GEMV z^T (1/m) (input_statistic)": lambda: input_statistic("maxip", z)}.items():
+            "GEMV z^T (1/m) (input_statistic)": lambda: input_statistic("maxip", z),
+            "norm forward alone": lambda: fused_rms_norm_with_residual(x, w, 1e-5)[0],
+            "norm forward, then the GEMV": lambda: input_statistic(
+                "maxip", fused_rms_norm_with_residual(x, w, 1e-5)[0]),
+            "norm forward with the token mean": lambda: fused_rms_norm_with_residual(
+                x, w, 1e-5, token_mean=True)[2]}.items():
         ms = gpu_ms(fn)
+        out = fn()
         rows.append({"kernel": "statistic", "variant": name, "rate": 0.0, "role": "",
                      "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
-                     "max_error": (fn().float() - ref).abs().max().item()})
+                     "max_error": ((out.float() - ref).abs().max().item()
+                                   if out.shape == ref.shape else None)})
     return rows
 
 

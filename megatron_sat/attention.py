@@ -25,7 +25,7 @@ from megatron.core.transformer.attention import SelfAttention
 
 from megatron_sat.block import SparseBlock, fused_selection
 from megatron_sat.config import SATConfig, kept_count
-from megatron_sat.importance import head_scores, input_statistic, neuron_scores
+from megatron_sat.importance import head_scores, neuron_scores
 from megatron_sat.selection import select
 from megatron_sat.sparse_linear import keep
 
@@ -89,6 +89,7 @@ class SATSelfAttention(SelfAttention):
             raise ValueError("SAT attention needs --num-query-groups >= "
                              "--tensor-model-parallel-size")
         self.sat = SparseBlock(sat_config, module_id=1, tp_group=self.tp_group,
+                               sequence_parallel=self.config.sequence_parallel,
                                layer_number=self.layer_number)
         self._layout: tuple[int, int] | None = None
         self._heads: HeadLayout | None = None
@@ -112,10 +113,8 @@ class SATSelfAttention(SelfAttention):
 
     def row_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Eq. 5 score of every local ``linear_qkv`` row (Eq. 6-7 are in ``choose_heads``)."""
-        metric = self.sat.cfg.metric
-        sp_group = self.tp_group if self.config.sequence_parallel else None
-        stat = input_statistic(metric, hidden_states, sp_group)
-        return neuron_scores(metric, self.linear_qkv.weight, stat)
+        return neuron_scores(self.sat.cfg.metric, self.linear_qkv.weight,
+                             self.sat.statistic(hidden_states))
 
     def head_layout(self, device: torch.device) -> HeadLayout:
         if self._heads is None or self._heads.all_groups.device != device:

@@ -13,10 +13,17 @@ sub-network.
 
 Selection runs as one Triton kernel per block on a GPU (:mod:`megatron_sat.fused_selection`)
 and as torch operations otherwise, or everywhere with ``--sat-selection-kernel torch``.
+
+The input statistic of Eq. 5 (:func:`~megatron_sat.importance.input_statistic`) is the
+maxip token mean of the block's input, which is the output of the layer norm before it;
+that norm can compute the mean in its own pass and offer it (:mod:`megatron_sat.norm`). An
+offer counts only for the very tensor it was made for, so anything megatron put between the
+norm and the block makes the block compute the statistic itself.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -24,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_sat.config import SATConfig
+from megatron_sat.importance import input_statistic
 from megatron_sat.runtime import SelectionState, get_iteration
 from megatron_sat.schedule import omission_rate_at
 from megatron_sat.selection import select
@@ -37,11 +45,14 @@ except ImportError:  # Triton is not installed: the torch path everywhere
 class SparseBlock:
     """Selection policy of one SAT module (``module_id`` 0: MLP, 1: attention)."""
 
-    def __init__(self, cfg: SATConfig, module_id: int, tp_group, layer_number: int = 0):
+    def __init__(self, cfg: SATConfig, module_id: int, tp_group, sequence_parallel: bool,
+                 layer_number: int = 0):
         self.cfg = cfg
         self.module_id = module_id
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         self.method = "sampling" if cfg.metric == "uniform" else cfg.selection
+        self._offer: tuple[weakref.ref, torch.Tensor] | None = None
         self.set_layer_number(layer_number)
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -51,6 +62,24 @@ class SparseBlock:
     def rate(self, training: bool) -> float:
         """The omission rate for this forward; 0 means run dense."""
         return omission_rate_at(self.cfg, get_iteration()) if training else 0.0
+
+    def wants_token_mean(self, training: bool) -> bool:
+        """Whether the next forward scores by maxip on the whole sequence (not a
+        sequence-parallel shard), so that its input's token mean is worth an offer."""
+        return (self.cfg.metric == "maxip" and not self.sequence_parallel
+                and self.rate(training) > 0.0)
+
+    def offer_token_mean(self, output: torch.Tensor, mean: torch.Tensor) -> None:
+        """The token mean of ``output``, computed by the norm that produced it."""
+        self._offer = (weakref.ref(output), mean)
+
+    def statistic(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Eq. 5's d-vector for input ``z``: the offered mean if it was made for ``z``."""
+        offer, self._offer = self._offer, None
+        if offer is not None and offer[0]() is z:
+            return offer[1]
+        sp_group = self.tp_group if self.sequence_parallel else None
+        return input_statistic(self.cfg.metric, z, sp_group)
 
     def fused(self, scores: torch.Tensor, *dims: int) -> bool:
         """Whether selection on ``scores`` (laid out as ``dims``) runs the Triton kernels."""

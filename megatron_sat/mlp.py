@@ -21,7 +21,7 @@ from megatron.core.transformer.mlp import MLP
 
 from megatron_sat.block import SparseBlock
 from megatron_sat.config import SATConfig, kept_channels
-from megatron_sat.importance import input_statistic, neuron_scores
+from megatron_sat.importance import neuron_scores
 from megatron_sat.sparse_linear import keep
 
 
@@ -34,7 +34,8 @@ class SATMLP(MLP):
     def as_mlp_submodule(cls, *args, sat_config: SATConfig, **kwargs):
         """Layer-spec hook: ``partial(SATMLP.as_mlp_submodule, submodules=..., sat_config=...)``."""
         mlp = super().as_mlp_submodule(*args, **kwargs)
-        mlp.sat = SparseBlock(sat_config, module_id=0, tp_group=mlp.tp_group)
+        mlp.sat = SparseBlock(sat_config, module_id=0, tp_group=mlp.tp_group,
+                              sequence_parallel=mlp.config.sequence_parallel)
         return mlp
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -63,7 +64,5 @@ class SATMLP(MLP):
 
     def channel_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Eq. 5 score of every local channel, from the rows that feed sigma."""
-        metric = self.sat.cfg.metric
-        sp_group = self.tp_group if self.config.sequence_parallel else None
-        stat = input_statistic(metric, hidden_states, sp_group)
-        return neuron_scores(metric, self.linear_fc1.weight[: self.ffn_local], stat)
+        return neuron_scores(self.sat.cfg.metric, self.linear_fc1.weight[: self.ffn_local],
+                             self.sat.statistic(hidden_states))

@@ -24,9 +24,20 @@ a GPU (one read of the residual gradient instead of an add's three tensors; wher
 kernels do not apply, the output alone), with torch off the GPU
 (:func:`rms_norm_with_residual`, the reference, which CPU runs and tests take). Unset, or
 without grad, the norm returns its output alone, as before.
+
+**The token mean for maxip.** A layer's norm feeds a SAT block (the attention after the
+input norm, the MLP after the pre-MLP norm) that scores by maxip (Eq. 5) with the mean of
+the norm's output over the tokens. :class:`~megatron_sat.spec.SATTransformerLayer` makes
+that block the norm's ``token_mean_sink``; when the block wants the mean for its next
+forward, the norm asks :data:`RMS_NORM_WITH_RESIDUAL` for it (the Triton forward adds it up
+in its own pass; :func:`rms_norm_with_residual` takes torch's mean) and offers it to the
+block together with the output it belongs to. Where neither hook runs, the block computes
+the mean itself.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +47,15 @@ RMS_NORM = F.rms_norm  # F.rms_norm's signature; replaced by torch_fusions.apply
 # rms_norm_with_residual's signature, returning (output, residual) or the output alone;
 # set by torch_fusions.apply
 RMS_NORM_WITH_RESIDUAL = None
+
+
+class TokenMeanSink(Protocol):
+    """A SAT block that scores with the token mean of this norm's output
+    (:class:`~megatron_sat.block.SparseBlock`)."""
+
+    def wants_token_mean(self, training: bool) -> bool: ...
+
+    def offer_token_mean(self, output: torch.Tensor, mean: torch.Tensor) -> None: ...
 
 
 class _RMSNormWithResidual(torch.autograd.Function):
@@ -56,13 +76,18 @@ class _RMSNormWithResidual(torch.autograd.Function):
 
 
 def rms_norm_with_residual(x: torch.Tensor, normalized_shape, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           eps: float, token_mean: bool = False):
     """``(F.rms_norm(x, ...), x)`` as one autograd function: x's gradient is the norm's
-    input gradient plus the second output's (the residual stream's)."""
+    input gradient plus the second output's (the residual stream's). ``token_mean``: also
+    the output's mean over all leading dimensions (fp32, torch's column mean)."""
     if tuple(normalized_shape) != tuple(x.shape[-1:]):
         raise ValueError(f"rms_norm_with_residual normalises the last dimension "
                          f"({x.shape[-1]}), not {tuple(normalized_shape)}")
-    return _RMSNormWithResidual.apply(x, weight, eps)
+    y, residual = _RMSNormWithResidual.apply(x, weight, eps)
+    if not token_mean:
+        return y, residual
+    return y, residual, torch.mean(y.detach().reshape(-1, x.shape[-1]), dim=0,
+                                   dtype=torch.float32)
 
 
 class TorchNorm(torch.nn.Module):
@@ -93,6 +118,7 @@ class TorchNorm(torch.nn.Module):
                       if config.recompute_granularity == "selective" else [])
         self.residual_output = residual_output and "layernorm" not in recomputed
         self.shape = (hidden_size,)
+        self.token_mean_sink: TokenMeanSink | None = None  # set by SATTransformerLayer
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
         self.bias = (torch.nn.Parameter(torch.zeros(hidden_size))
                      if self.normalization == "LayerNorm" else None)
@@ -104,7 +130,15 @@ class TorchNorm(torch.nn.Module):
             return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
         if (self.residual_output and RMS_NORM_WITH_RESIDUAL is not None
                 and torch.is_grad_enabled() and x.requires_grad):
-            return RMS_NORM_WITH_RESIDUAL(x, self.shape, self.weight, self.eps)
+            sink = self.token_mean_sink
+            if sink is None or not sink.wants_token_mean(self.training):
+                return RMS_NORM_WITH_RESIDUAL(x, self.shape, self.weight, self.eps)
+            out = RMS_NORM_WITH_RESIDUAL(x, self.shape, self.weight, self.eps, token_mean=True)
+            if isinstance(out, tuple):
+                y, residual, mean = out
+                sink.offer_token_mean(y, mean)
+                return y, residual
+            return out
         return RMS_NORM(x, self.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:

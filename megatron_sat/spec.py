@@ -1,10 +1,11 @@
 """The GPT layer spec with SAT's sparse attention (Eq. 9) and sparse MLP (Eq. 10).
 
-It is megatron-core's local (Transformer-Engine-free) GPT layer with four swaps:
+It is megatron-core's local (Transformer-Engine-free) GPT layer with these swaps:
 
 =====================  ==========================================================
 submodule              SAT module
 =====================  ==========================================================
+layer                  :class:`SATTransformerLayer` (links each norm to its block)
 self_attention         :class:`~megatron_sat.attention.SATSelfAttention`
 linear_qkv / fc1       :class:`~megatron_sat.sparse_linear.SATColumnParallelLinear`
 linear_proj / fc2      :class:`~megatron_sat.sparse_linear.SATRowParallelLinear`
@@ -46,6 +47,19 @@ from megatron_sat.norm import TorchNorm
 from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear
 
 
+class SATTransformerLayer(TransformerLayer):
+    """megatron-core's ``TransformerLayer`` whose two norms compute the token mean that the
+    SAT block after each of them scores by (maxip, Eq. 5) in their own pass, and offer it
+    to that block (``TorchNorm.token_mean_sink``; see :mod:`megatron_sat.norm`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for norm, block in ((self.input_layernorm, self.self_attention),
+                            (self.pre_mlp_layernorm, self.mlp)):
+            if isinstance(norm, TorchNorm) and isinstance(block, (SATSelfAttention, SATMLP)):
+                norm.token_mean_sink = block.sat
+
+
 # a layer's two norms also hand megatron the residual (norm.py: one backward pass adds the
 # residual stream's gradient); the block's final norm has no residual
 _LAYER_NORM = ModuleSpec(module=TorchNorm, params={"residual_output": True})
@@ -74,7 +88,7 @@ def get_sat_layer_spec(sat_config: SATConfig, *, qk_layernorm: bool = False) -> 
         mlp = partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     return ModuleSpec(
-        module=TransformerLayer,
+        module=SATTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=_LAYER_NORM,
             self_attention=attention,

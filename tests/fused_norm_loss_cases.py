@@ -31,9 +31,11 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> dict:
 
 
 def norm_records(shapes, device="cpu", dtype=torch.float32, eps=1e-5,
-                 residual=False) -> list[dict]:
+                 residual=False, token_mean=False) -> list[dict]:
     """y, dx, dw of the kernels against F.rms_norm in float64 (same inputs, same dy).
-    ``residual``: the norm that also returns x (gradient dr), so dx = the norm's + dr."""
+    ``residual``: the norm that also returns x (gradient dr), so dx = the norm's + dr.
+    ``token_mean`` (with ``residual``): also y's mean over the rows, against the float64
+    mean of the y returned, and whether y equals the kernels' y without the mean."""
     out = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
@@ -45,9 +47,18 @@ def norm_records(shapes, device="cpu", dtype=torch.float32, eps=1e-5,
         xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
         xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
         yr = F.rms_norm(xr, (n,), wr, eps)
-        record = {"case": f"rmsnorm {list(shape)} {dtype}" + (" residual" if residual else "")}
+        record = {"case": f"rmsnorm {list(shape)} {dtype}" + (" residual" if residual else "")
+                  + (" token mean" if token_mean else "")}
+        if token_mean:
+            y, r, mean = fused_rms_norm_with_residual(xk, wk, eps, token_mean=True)
+            rows = y.detach().double().reshape(-1, n)
+            record["mean"] = _err(mean, rows.mean(0))
+            record["mean_dtype_kept"] = mean.dtype == dtype and not mean.requires_grad
+            record["y_unchanged"] = torch.equal(
+                y, fused_rms_norm_with_residual(x.clone().requires_grad_(), w, eps)[0])
         if residual:
-            y, r = fused_rms_norm_with_residual(xk, wk, eps)
+            if not token_mean:
+                y, r = fused_rms_norm_with_residual(xk, wk, eps)
             record["r_is_x"] = torch.equal(r, x) and r.data_ptr() == xk.data_ptr()
             torch.autograd.backward([y, r], [dy, dr])
             torch.autograd.backward([yr, xr], [dy.double(), dr.double()])
@@ -131,6 +142,9 @@ LOSS_CASES = [((4, 3), 100, False), ((6,), 5000, True), ((2, 2), 4096, True)]
 if __name__ == "__main__":
     record = {"norm": norm_records(NORM_SHAPES), "loss": loss_records(LOSS_CASES),
               "norm_residual": norm_records(NORM_SHAPES[:2], residual=True),
+              # 37 rows: 16 programs of 3 rows in the interpreter, the last one short
+              "norm_token_mean": norm_records(NORM_SHAPES + [(37, 40)], residual=True,
+                                              token_mean=True),
               "tp": tensor_parallel_records()}
     with open(sys.argv[1], "w") as f:
         json.dump(record, f)

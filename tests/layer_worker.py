@@ -319,6 +319,56 @@ def stock_model_equivalence(tp):
             "max_rel_error": max(rel(l_sat, l_stock), grad_err), "num_params": len(p_stock)}
 
 
+def token_mean_case(tp, sp):
+    """A GPTModel with the SAT spec at r = 0.5 (maxip): the layers' norms offer their
+    output's token mean to the next block (``SATTransformerLayer``, norm.py's torch hook as
+    on CPU), against the same model with the norms unlinked, where every block computes the
+    mean itself. Records how many blocks computed it, and the largest difference of the
+    logits and gradients (same draws: the same selections)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_sat import block, norm
+    from megatron_sat.spec import get_sat_block_spec
+    cfg = transformer_config(tp, sp, heads=8, groups=4)
+    cfg.num_layers = 2
+    cfg.normalization = "RMSNorm"
+    spec = get_sat_block_spec(SATConfig(omission_rate=0.5, metric="maxip",
+                                        selection="sampling"), cfg)
+    tokens = torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    computed = []
+    own_statistic = block.input_statistic
+
+    def counted(*args, **kwargs):
+        computed.append(1)
+        return own_statistic(*args, **kwargs)
+
+    block.input_statistic, saved_hook = counted, norm.RMS_NORM_WITH_RESIDUAL
+    norm.RMS_NORM_WITH_RESIDUAL = norm.rms_norm_with_residual
+    out, counts = {}, {}
+    try:
+        for linked in (True, False):
+            reseed(37)
+            model = GPTModel(cfg, spec, vocab_size=128, max_sequence_length=SEQ,
+                             position_embedding_type="rope",
+                             share_embeddings_and_output_weights=False).train()
+            if not linked:
+                for module in model.modules():
+                    if isinstance(module, norm.TorchNorm):
+                        module.token_mean_sink = None
+            computed.clear()
+            logits = model(tokens, positions, None)
+            (logits.float() * shared_randn(*logits.shape, seed=6)).sum().backward()
+            counts[linked] = len(computed)
+            out[linked] = [logits.detach()] + [p.grad for p in model.parameters()]
+    finally:
+        block.input_statistic, norm.RMS_NORM_WITH_RESIDUAL = own_statistic, saved_hook
+    diff = max((a - b).abs().max().item() for a, b in zip(out[True], out[False]))
+    return {"case": f"token mean tp{tp} sp{int(sp)}", "computed_linked": counts[True],
+            "computed_unlinked": counts[False], "max_difference": diff,
+            "logits_scale": out[False][0].abs().max().item()}
+
+
 def recompute_case(tp):
     """Full activation recompute of a SAT MLP reuses the first forward's channels."""
     from megatron.core import tensor_parallel
@@ -408,6 +458,8 @@ def main(path):
     records += stock_equivalence(tp)
     records.append(stock_model_equivalence(tp))
     runtime.set_iteration(3)
+    for sp in ((False, True) if tp > 1 else (False,)):
+        records.append(token_mean_case(tp, sp))
     records.append(recompute_case(tp))
     records += ddp_accumulation_case(tp)
     if dist.get_rank() == 0:

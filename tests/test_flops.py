@@ -98,7 +98,8 @@ def test_kept_heads_match_the_sat_attention(shape, mode, tp, rate, expected):
     q_per_group = shape.num_attention_heads // shape.num_query_groups
     layout = HeadLayout(groups_local, q_per_group, shape.kv_channels, torch.device("cpu"))
     fake = SimpleNamespace(sat=SparseBlock(SATConfig(omission_rate=rate, gqa_mode=mode,
-                                                     selection="topk"), 1, tp_group=None),
+                                                     selection="topk"), 1, tp_group=None,
+                                             sequence_parallel=False),
                            head_layout=lambda device: layout,
                            num_query_groups_per_partition=groups_local,
                            q_per_group=q_per_group,

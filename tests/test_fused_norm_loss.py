@@ -50,6 +50,19 @@ def test_rmsnorm_with_residual_adds_the_residual_gradient_in_its_backward(interp
             assert _close(r[out], 1e-6), (r["case"], out, r[out])
 
 
+def test_rmsnorm_token_mean_in_the_forward_pass(interpreted):
+    """With ``token_mean`` the forward also returns y's mean over the rows (maxip's input
+    statistic, Eq. 5), from per-program sums: rows that do not fill the programs evenly,
+    hidden sizes that are not powers of two; y and both gradients are unchanged."""
+    records = interpreted["norm_token_mean"]
+    assert len(records) == 5
+    for r in records:
+        assert r["mean_dtype_kept"] and r["y_unchanged"] and r["r_is_x"], r
+        assert r["mean"]["shape"] == [int(r["case"].split("]")[0].split(",")[-1])], r
+        for out in ("mean", "y", "dx", "dw"):
+            assert _close(r[out], 1e-6), (r["case"], out, r[out])
+
+
 def test_cross_entropy_loss_and_gradient(interpreted):
     assert len(interpreted["loss"]) == 3
     for r in interpreted["loss"]:
@@ -100,11 +113,33 @@ def test_cuda_rmsnorm_bf16_at_model_shapes():
 
     shapes = [(4096, 2, 2048), (1024, 4096), (3, 5120), (333, 8192)]
     records = (norm_records(shapes, device="cuda", dtype=torch.bfloat16)
-               + norm_records(shapes[:2], device="cuda", dtype=torch.bfloat16, residual=True))
+               + norm_records(shapes[:2], device="cuda", dtype=torch.bfloat16, residual=True)
+               + norm_records(shapes, device="cuda", dtype=torch.bfloat16, residual=True,
+                              token_mean=True))
     for r in records:
         assert r["dtype_kept"] and r.get("r_is_x", True), r
-        for out in ("y", "dx", "dw"):
-            assert _within_bf16_rounding(r[out], 0), (r["case"], out, r[out])
+        assert r.get("mean_dtype_kept", True) and r.get("y_unchanged", True), r
+        for out in ("y", "dx", "dw", "mean"):
+            if out in r:
+                assert _within_bf16_rounding(r[out], 0), (r["case"], out, r[out])
+
+
+@cuda
+def test_cuda_rmsnorm_token_mean_equals_the_blocks_own_statistic():
+    """The norm's bf16 token mean against what a SAT block computes without it
+    (``importance.input_statistic``: a GEMV in fp32, rounded once): within one bf16 ulp."""
+    from megatron_sat.fused_rmsnorm import fused_rms_norm_with_residual
+    from megatron_sat.importance import input_statistic
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(2048, 16, 2048), (4096, 4, 4096)]:
+        x = (torch.randn(shape, generator=gen) + 0.3).cuda().bfloat16().requires_grad_()
+        w = (torch.rand(shape[-1], generator=gen) + 0.5).cuda().bfloat16()
+        y, _, mean = fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)
+        own = input_statistic("maxip", y)
+        assert own.dtype == mean.dtype == torch.bfloat16
+        ulp = torch.finfo(torch.bfloat16).eps * own.float().abs().clamp_min(1e-3)
+        assert ((mean.float() - own.float()).abs() <= ulp).all(), shape
 
 
 @cuda

@@ -199,3 +199,31 @@ def test_sequence_parallel_statistic_equals_full_sequence():
         local = z_full.chunk(2, dim=0)[rank].reshape(-1, 5).double().mean(0)
         assert torch.allclose(res["local_maxip"].double(), local, atol=1e-6)
         assert not torch.allclose(res["local_maxip"], full["maxip"], atol=1e-3)
+
+
+def test_a_block_takes_an_offered_token_mean_only_for_its_own_input():
+    """A layer norm offers maxip's token mean with the output it belongs to
+    (``SparseBlock.offer_token_mean``): the block uses it for that very tensor, once, and
+    computes Eq. 5's statistic itself for anything else (even a view of it)."""
+    from megatron_sat import runtime
+    from megatron_sat.block import SparseBlock
+    from megatron_sat.config import SATConfig
+
+    runtime.set_iteration(1)
+    block = SparseBlock(SATConfig(omission_rate=0.5, metric="maxip"), 0, tp_group=None,
+                        sequence_parallel=False)
+    z = Z.reshape(3, 1, 2)
+    own = input_statistic("maxip", z)
+    assert torch.allclose(own, torch.tensor([7 / 3, 1 / 3]))
+    offered = torch.tensor([5.0, 6.0])  # not the mean: shows which one was used
+    block.offer_token_mean(z, offered)
+    assert torch.equal(block.statistic(z.view_as(z)), own)
+    block.offer_token_mean(z, offered)
+    assert block.statistic(z) is offered
+    assert torch.equal(block.statistic(z), own)  # consumed by the first use
+    # wanted only in training, at a rate above 0, for maxip, on an unsharded sequence
+    assert block.wants_token_mean(True) and not block.wants_token_mean(False)
+    for cfg, sp in ((SATConfig(omission_rate=0.0, metric="maxip"), False),
+                    (SATConfig(omission_rate=0.5, metric="wanda"), False),
+                    (SATConfig(omission_rate=0.5, metric="maxip"), True)):
+        assert not SparseBlock(cfg, 0, None, sequence_parallel=sp).wants_token_mean(True)

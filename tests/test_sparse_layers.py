@@ -92,6 +92,21 @@ def test_rate_zero_gpt_model_equals_stock_megatron_gpt(records):
     assert r["max_rel_error"] < 1e-5
 
 
+def test_layer_norms_hand_their_token_mean_to_the_maxip_blocks(records):
+    """With the SAT layer spec, the four SAT blocks of a two-layer GPTModel take maxip's
+    token mean from the norm before them (none computes it) and train exactly as when each
+    computes it itself; under sequence parallelism (a shard's mean) all four compute it."""
+    tp, recs = records
+    cases = [r for r in recs.values() if r["case"].startswith("token mean")]
+    assert len(cases) == (2 if tp > 1 else 1)
+    for r in cases:
+        sp = r["case"].endswith("sp1")
+        assert r["computed_unlinked"] == 4, r
+        assert r["computed_linked"] == (4 if sp else 0), r
+        assert r["logits_scale"] > 0.1, r
+        assert r["max_difference"] == 0.0, r
+
+
 def test_recompute_reuses_indices_and_gives_identical_gradients(records):
     tp, recs = records
     r = recs[f"recompute tp{tp}"]
