@@ -9,6 +9,10 @@ saving sums ``megatron_sat.flops.step_flops`` at each iteration's rate (Eq. 11; 
 window means are checked against it). Reports the measured saving, the predicted one and
 their ratio (issue 4, target 5: >= 90%).
 
+A run too long for one sitting (a larger global batch) splits in two on the same GPU:
+``--dense-only`` launches the dense run and writes its log lines, ``--dense-from`` then
+takes them instead of launching it again; the GPU's UUID must be the same.
+
 ``--log-interval`` (default 10) is how often megatron logs, as in a production run; every
 log line synchronises the GPU. ``--log-interval 1`` times every iteration, for a per-rate
 table and the cost of each ladder's first iteration.
@@ -53,6 +57,16 @@ def launch(a, s: dict, sat: list[str], log: Path, port: int) -> list[tuple[int, 
             _LINE.findall(proc.stdout + proc.stderr)]
 
 
+def gpu_uuid() -> str:
+    """The UUID of the GPU the runs use (the first visible one), or "" without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return out.split()[0] if out.split() else ""
+
+
 def windows(rows: list[tuple[int, float, float]], first: int, interval: int) -> list[dict]:
     """Log lines as windows of iterations: ``(previous logged, logged]`` with megatron's mean
     time per iteration and mean omission rate; those starting before ``first`` are dropped.
@@ -80,13 +94,33 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further pretrain_sat.py flags for both runs")
+    p.add_argument("--dense-only", action="store_true",
+                   help="launch the dense run only and write its log lines to --out")
+    p.add_argument("--dense-from", type=Path, default=None,
+                   help="the --out of an earlier --dense-only call with the same flags, "
+                        "on the same GPU, instead of launching the dense run")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     s = SHAPES[a.shape]
     log_dir = a.out.with_suffix("")
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dense = launch(a, s, [], log_dir / "dense.log", 29541)
+    flags = {k: getattr(a, k) for k in ("shape", "iters", "micro_batch_size",
+                                        "global_batch_size", "log_interval", "extra")}
+    uuid = gpu_uuid()
+    if a.dense_from is not None:
+        part = json.loads(a.dense_from.read_text())
+        if part["flags"] != flags or part["gpu_uuid"] != uuid:
+            raise SystemExit(f"--dense-from {a.dense_from}: its run had flags {part['flags']} "
+                             f"on GPU {part['gpu_uuid']!r}; this call has {flags} on {uuid!r}")
+        dense = [tuple(row) for row in part["dense_rows"]]
+    else:
+        dense = launch(a, s, [], log_dir / "dense.log", 29541)
+    if a.dense_only:
+        a.out.write_text(json.dumps({"flags": flags, "gpu_uuid": uuid, "dense_rows": dense,
+                                     "wall_s": time.time() - t0}, indent=1))
+        print(f"dense run: {len(dense)} log lines on GPU {uuid} -> {a.out}")
+        return
     sat = launch(a, s, ["--sat-omission-rate", str(a.rate), "--sat-metric", "maxip",
                         "--sat-selection", "sampling", "--sat-lors-start", str(a.lors_start),
                         "--sat-lors-ladders", str(a.lors_ladders)], log_dir / "sat.log", 29542)
@@ -125,7 +159,8 @@ def main() -> None:
     result = {"shape": a.shape, **s, "iters": a.iters, "lors_start": a.lors_start,
               "lors_ladders": a.lors_ladders, "rate": a.rate,
               "micro_batch_size": a.micro_batch_size, "global_batch_size": a.global_batch_size,
-              "log_interval": a.log_interval, "extra": a.extra,
+              "log_interval": a.log_interval, "extra": a.extra, "gpu_uuid": uuid,
+              "dense_from": str(a.dense_from) if a.dense_from else None,
               "timed_iterations": [first, last],
               "dense_train_s": train_s["dense"], "sat_train_s": train_s["sat"],
               "measured_saving": measured, "flops_predicted_saving": predicted,
