@@ -246,6 +246,19 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
                      "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
                      "max_error": ((out.float() - ref).abs().max().item()
                                    if out.shape == ref.shape else None)})
+    # the token-mean forward's launch: programs per SM x warps per program
+    from megatron_sat import fused_rmsnorm
+    default = fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS
+    for per_sm in (4, 8, 16, 32, 64):
+        for warps in (4, 8, 16):
+            fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = per_sm, warps
+            fn = lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]  # noqa
+            ms = gpu_ms(fn)
+            rows.append({"kernel": "statistic", "variant": f"token mean, {per_sm} programs "
+                         f"per SM, {warps} warps", "rate": 0.0, "role": "", "first_call_s": 0.0,
+                         "median_ms": ms, "gpu_ms": ms,
+                         "max_error": (fn().float() - ref).abs().max().item()})
+    fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = default
     return rows
 
 

@@ -40,6 +40,10 @@ import triton
 import triton.language as tl
 
 MAX_HIDDEN = 16384  # one row per program step; wider rows go to torch
+# the forward with the token mean: programs per SM (each over a run of rows) and warps per
+# program (None: as the plain forward); benchmarks/bench_kernels.py --cases statistic
+TOKEN_MEAN_PROGRAMS_PER_SM = 16
+TOKEN_MEAN_WARPS = 4
 
 
 @triton.jit
@@ -115,14 +119,17 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool
     # one row per program; with the column sums each program takes a run of rows, and
     # there are enough programs (16 per SM) to hide the memory latency without atomics:
     # the partial sums, a few thousand rows of n, are then added up by torch
-    rows_per_program = (triton.cdiv(rows, min(rows, 4 * _programs(x.device))) if token_mean
-                        else 1)
+    rows_per_program = 1
+    if token_mean:
+        programs = _programs(x.device) // 4 * TOKEN_MEAN_PROGRAMS_PER_SM
+        rows_per_program = triton.cdiv(rows, min(rows, programs))
     programs = triton.cdiv(rows, rows_per_program)
     sums = (torch.empty(programs, n, device=x.device, dtype=torch.float32) if token_mean
             else rstd)
     _rms_norm_forward[(programs,)](x, weight, y, rstd, sums, rows, n, eps, 1.0 / rows,
                                    rows_per_program, BLOCK=_block(n), COLUMN_SUMS=token_mean,
-                                   num_warps=_warps(n))
+                                   num_warps=(TOKEN_MEAN_WARPS or _warps(n)) if token_mean
+                                   else _warps(n))
     if not token_mean:
         return y, rstd, None
     return y, rstd, sums.sum(0).to(x.dtype)
