@@ -231,33 +231,32 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
     w = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
     z = fused_rms_norm_with_residual(x, w, 1e-5)[0]
     ref = z.float().mean(dim=0)
-    rows = []
-    for name, fn in {
+
+    def measured(name, fn) -> dict:
+        ms = gpu_ms(fn)
+        out = fn()
+        return {"kernel": "statistic", "variant": name, "rate": 0.0, "role": "",
+                "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
+                "max_error": ((out.float() - ref).abs().max().item()
+                              if out.shape == ref.shape else None)}
+
+    rows = [measured(name, fn) for name, fn in {
             "torch mean (fp32) + cast": lambda: torch.mean(z, 0, dtype=torch.float32).to(z.dtype),
             "GEMV z^T (1/m) (input_statistic)": lambda: input_statistic("maxip", z),
             "norm forward alone": lambda: fused_rms_norm_with_residual(x, w, 1e-5)[0],
             "norm forward, then the GEMV": lambda: input_statistic(
                 "maxip", fused_rms_norm_with_residual(x, w, 1e-5)[0]),
             "norm forward with the token mean": lambda: fused_rms_norm_with_residual(
-                x, w, 1e-5, token_mean=True)[2]}.items():
-        ms = gpu_ms(fn)
-        out = fn()
-        rows.append({"kernel": "statistic", "variant": name, "rate": 0.0, "role": "",
-                     "first_call_s": 0.0, "median_ms": ms, "gpu_ms": ms,
-                     "max_error": ((out.float() - ref).abs().max().item()
-                                   if out.shape == ref.shape else None)})
+                x, w, 1e-5, token_mean=True)[2]}.items()]
     # the token-mean forward's launch: programs per SM x warps per program
     from megatron_sat import fused_rmsnorm
     default = fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS
     for per_sm in (4, 8, 16, 32, 64):
         for warps in (4, 8, 16):
             fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = per_sm, warps
-            fn = lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]  # noqa
-            ms = gpu_ms(fn)
-            rows.append({"kernel": "statistic", "variant": f"token mean, {per_sm} programs "
-                         f"per SM, {warps} warps", "rate": 0.0, "role": "", "first_call_s": 0.0,
-                         "median_ms": ms, "gpu_ms": ms,
-                         "max_error": (fn().float() - ref).abs().max().item()})
+            rows.append(measured(f"token mean, {per_sm} programs per SM, {warps} warps",
+                                 lambda: fused_rms_norm_with_residual(x, w, 1e-5,
+                                                                      token_mean=True)[2]))
     fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = default
     return rows
 

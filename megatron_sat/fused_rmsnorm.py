@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 
 MAX_HIDDEN = 16384  # one row per program step; wider rows go to torch
+BACKWARD_PROGRAMS_PER_SM = 4  # each over a run of rows, enough to hide memory latency
 # the forward with the token mean: programs per SM (each over a run of rows) and warps per
-# program (None: as the plain forward); benchmarks/bench_kernels.py --cases statistic
+# program; benchmarks/bench_kernels.py --cases statistic
 TOKEN_MEAN_PROGRAMS_PER_SM = 16
 TOKEN_MEAN_WARPS = 4
 
@@ -103,11 +104,17 @@ def _warps(n: int) -> int:
 
 
 @functools.cache
-def _programs(device: torch.device) -> int:
-    """Backward programs: a few per SM, enough to hide memory latency."""
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (Triton's interpreter)."""
     if device.type != "cuda":
-        return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _row_runs(rows: int, programs_per_sm: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, programs) for kernels whose programs each take a run of rows."""
+    rows_per_program = triton.cdiv(rows, min(rows, programs_per_sm * _sm_count(device)))
+    return rows_per_program, triton.cdiv(rows, rows_per_program)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool):
@@ -119,17 +126,13 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool
     # one row per program; with the column sums each program takes a run of rows, and
     # there are enough programs (16 per SM) to hide the memory latency without atomics:
     # the partial sums, a few thousand rows of n, are then added up by torch
-    rows_per_program = 1
-    if token_mean:
-        programs = _programs(x.device) // 4 * TOKEN_MEAN_PROGRAMS_PER_SM
-        rows_per_program = triton.cdiv(rows, min(rows, programs))
-    programs = triton.cdiv(rows, rows_per_program)
+    rows_per_program, programs = (_row_runs(rows, TOKEN_MEAN_PROGRAMS_PER_SM, x.device)
+                                  if token_mean else (1, rows))
     sums = (torch.empty(programs, n, device=x.device, dtype=torch.float32) if token_mean
             else rstd)
     _rms_norm_forward[(programs,)](x, weight, y, rstd, sums, rows, n, eps, 1.0 / rows,
                                    rows_per_program, BLOCK=_block(n), COLUMN_SUMS=token_mean,
-                                   num_warps=(TOKEN_MEAN_WARPS or _warps(n)) if token_mean
-                                   else _warps(n))
+                                   num_warps=TOKEN_MEAN_WARPS if token_mean else _warps(n))
     if not token_mean:
         return y, rstd, None
     return y, rstd, sums.sum(0).to(x.dtype)
@@ -143,15 +146,14 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy, dr=None, dmean=None):
+    def backward(ctx, dy, dr=None):
         x, weight, rstd = ctx.saved_tensors
         n = x.shape[-1]
         rows = rstd.numel()
         dy = dy.contiguous()
         if dr is not None:
             dr = dr.contiguous()
-        rows_per_program = triton.cdiv(rows, min(rows, _programs(x.device)))
-        programs = triton.cdiv(rows, rows_per_program)
+        rows_per_program, programs = _row_runs(rows, BACKWARD_PROGRAMS_PER_SM, x.device)
         dx = torch.empty_like(x)
         dw_partial = torch.empty(programs, n, device=x.device, dtype=torch.float32)
         _rms_norm_backward[(programs,)](dy, x, weight, rstd, dy if dr is None else dr, dx,
