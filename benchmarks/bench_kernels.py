@@ -248,16 +248,14 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
                 "maxip", fused_rms_norm_with_residual(x, w, 1e-5)[0]),
             "norm forward with the token mean": lambda: fused_rms_norm_with_residual(
                 x, w, 1e-5, token_mean=True)[2]}.items()]
-    # the token-mean forward's launch: programs per SM x warps per program
+    # the token-mean forward's launch: programs per SM (its warps are the plain forward's)
     from megatron_sat import fused_rmsnorm
-    default = fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS
+    default = fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM
     for per_sm in (4, 8, 16, 32, 64):
-        for warps in (4, 8, 16):
-            fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = per_sm, warps
-            rows.append(measured(f"token mean, {per_sm} programs per SM, {warps} warps",
-                                 lambda: fused_rms_norm_with_residual(x, w, 1e-5,
-                                                                      token_mean=True)[2]))
-    fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM, fused_rmsnorm.TOKEN_MEAN_WARPS = default
+        fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM = per_sm
+        rows.append(measured(f"token mean, {per_sm} programs per SM",
+                             lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]))
+    fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM = default
     return rows
 
 
