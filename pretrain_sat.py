@@ -24,7 +24,7 @@ from megatron_sat import cpu, megatron_fixes, runtime, torch_fusions
 from megatron_sat.arguments import add_sat_arguments, sat_config_from_args
 from megatron_sat.config import SATConfig, SATConfigError
 from megatron_sat.schedule import omission_rate_at
-from megatron_sat.sparse_linear import track_zeroed_main_grads
+from megatron_sat.sparse_linear import attach_to_megatron_ddp
 from megatron_sat.spec import get_sat_block_spec
 from megatron_sat.throughput import ThroughputMeter, meter_from_args
 from megatron_sat.vocab import ConversionError, check_tokenizer_fits_checkpoint
@@ -283,6 +283,7 @@ class _Run:
 def _start_micro_batch(args: argparse.Namespace) -> float:
     """Tell SAT the iteration being trained; returns its omission rate (Eq. 11)."""
     runtime.set_iteration(args.curr_iteration)
+    runtime.set_micro_batches(get_num_microbatches())
     rate = omission_rate_at(_Run.sat_config, args.curr_iteration)
     if _Run.meter is None:  # needs the padded vocabulary and the TensorBoard writer
         _Run.meter = meter_from_args(args, _Run.sat_config, get_tensorboard_writer())
@@ -350,7 +351,7 @@ def main() -> None:
     _install_torch_fusions(args)
     _Run.sat_config = sat_config
     runtime.set_dummy_wgrad(args.overlap_grad_reduce)
-    track_zeroed_main_grads()
+    attach_to_megatron_ddp()
     model_config = gpt_config_from_args(args)
     model_config.transformer_layer_spec = partial(_block_spec, sat_config)
     pretrain(pretrain_cfg_container_from_args(args, model_config),

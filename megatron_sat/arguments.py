@@ -12,8 +12,8 @@ import argparse
 import os
 
 from megatron_sat.config import (CHANNEL_MULTIPLE, DP_SELECTIONS, GQA_MODES, METRICS,
-                                 MODULES, SCORE_SCALES, SELECTION_KERNELS, SELECTIONS,
-                                 SATConfig)
+                                 MODULES, SCORE_SCALES, SELECTION_KERNELS, SELECTION_SCOPES,
+                                 SELECTIONS, SATConfig)
 
 
 def _number(text: str) -> float:
@@ -76,6 +76,11 @@ def add_sat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         "selection runs as one Triton kernel (megatron_sat/fused_selection.py); "
                         "'torch': torch operations everywhere. Both draw from the same "
                         "distribution with different noise streams.")
+    g.add_argument("--sat-selection-scope", choices=SELECTION_SCOPES, default="iteration",
+                   help="'iteration' (default): each block draws one sub-network per "
+                        "training iteration (Eq. 1-2), on its first micro-batch, and every "
+                        "micro-batch of the iteration trains it; 'microbatch': a new draw "
+                        "for every micro-batch.")
     _add_throughput_arguments(parser)
     parser.add_argument_group(
         "Torch fusions", "Stand-ins for Transformer Engine / Apex kernels "
@@ -127,4 +132,5 @@ def sat_config_from_args(args: argparse.Namespace) -> SATConfig:
         seed=args.seed,
         channel_multiple=args.sat_channel_multiple,
         selection_kernel=args.sat_selection_kernel,
+        selection_scope=args.sat_selection_scope,
     ).validate()

@@ -104,7 +104,8 @@ class SATSelfAttention(SelfAttention):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         sel = self.sat.draw(lambda: self.row_scores(hidden_states),
                             lambda s, seed: self.choose_heads(s, rate, seed))
-        with keep((self.linear_qkv, sel.qkv_rows), (self.linear_proj, sel.proj_columns)):
+        with keep((self.linear_qkv, sel.qkv_rows), (self.linear_proj, sel.proj_columns),
+                  reuse=self.sat.reuses_selection):
             self._layout = (sel.groups, sel.queries)
             try:
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)

@@ -11,6 +11,11 @@ are averaged over the data-parallel group (one all-reduce of a few thousand floa
 block) and the noise is the same on every data-parallel rank, so all ranks train one
 sub-network.
 
+``--sat-selection-scope``: with ``iteration`` (default) a block draws once per training
+iteration and its later micro-batches reuse the draw, so they score nothing, and the
+layers reuse the kept weight slices they gathered for it
+(:func:`~megatron_sat.sparse_linear.keep`); with ``microbatch`` every micro-batch draws.
+
 Selection runs as one Triton kernel per block on a GPU (:mod:`megatron_sat.fused_selection`)
 and as torch operations otherwise, or everywhere with ``--sat-selection-kernel torch``.
 
@@ -57,17 +62,18 @@ class SparseBlock:
 
     def set_layer_number(self, layer_number: int) -> None:
         """The global layer number keys the selection noise, so layers draw independently."""
-        self.state = SelectionState(self.cfg.seed, layer_number, self.module_id)
+        self.state = SelectionState(self.cfg.seed, layer_number, self.module_id,
+                                    self.cfg.selection_scope)
 
     def rate(self, training: bool) -> float:
         """The omission rate for this forward; 0 means run dense."""
         return omission_rate_at(self.cfg, get_iteration()) if training else 0.0
 
     def wants_token_mean(self, training: bool) -> bool:
-        """Whether the next forward scores by maxip on the whole sequence (not a
-        sequence-parallel shard), so that its input's token mean is worth an offer."""
+        """Whether the next forward draws a selection scored by maxip on the whole sequence
+        (not a sequence-parallel shard), so that its input's token mean is worth an offer."""
         return (self.cfg.metric == "maxip" and not self.sequence_parallel
-                and self.rate(training) > 0.0)
+                and self.rate(training) > 0.0 and not self.state.drawn())
 
     def offer_token_mean(self, output: torch.Tensor, mean: torch.Tensor) -> None:
         """The token mean of ``output``, computed by the norm that produced it."""
@@ -93,9 +99,16 @@ class SparseBlock:
         return fn(scores, n_keep, self.method, self.cfg.temperature, self.cfg.score_scale,
                   seed, shift)
 
+    @property
+    def reuses_selection(self) -> bool:
+        """Whether a selection serves several forwards (iteration scope), so that the
+        layers keep the weight slices they gather for it."""
+        return self.cfg.selection_scope == "iteration"
+
     def draw(self, scores_fn: Callable[[], torch.Tensor],
              choose: Callable[[torch.Tensor, int], object]) -> object:
-        """This micro-batch's selection: ``choose(scores_fn(), seed)``, drawn once."""
+        """This forward's selection: ``choose(scores_fn(), seed)``, drawn once per
+        iteration or per micro-batch (``--sat-selection-scope``)."""
         shared = self.cfg.dp_selection == "shared"
 
         def fresh(seed):

@@ -18,6 +18,7 @@ GQA_MODES = ("heads", "groups")
 DP_SELECTIONS = ("local", "shared")
 MODULES = ("mlp", "attention")
 SELECTION_KERNELS = ("auto", "torch")
+SELECTION_SCOPES = ("iteration", "microbatch")
 
 # Guards floor(n * (1 - r)) against binary rounding of r (e.g. 0.7 * 10 = 6.999...).
 _KEEP_EPS = 1e-9
@@ -71,6 +72,10 @@ class SATConfig:
             this (see :func:`kept_channels`); 1 keeps exactly floor(n (1 - r)).
         selection_kernel: ``auto``: Triton selection kernels on a GPU when Triton is
             installed (``fused_selection``); ``torch``: torch operations everywhere.
+        selection_scope: ``iteration``: one selection per block and training iteration
+            (Eq. 1-2: the sub-network of step t), drawn on the iteration's first
+            micro-batch and reused by the others; ``microbatch``: a new draw for every
+            micro-batch (see docs/design.md).
     """
 
     omission_rate: float = 0.0
@@ -87,6 +92,7 @@ class SATConfig:
     seed: int = 1234
     channel_multiple: int = CHANNEL_MULTIPLE
     selection_kernel: str = "auto"
+    selection_scope: str = "iteration"
 
     @property
     def enabled(self) -> bool:
@@ -105,6 +111,7 @@ class SATConfig:
         _check_choice("--sat-gqa-mode", self.gqa_mode, GQA_MODES)
         _check_choice("--sat-dp-selection", self.dp_selection, DP_SELECTIONS)
         _check_choice("--sat-selection-kernel", self.selection_kernel, SELECTION_KERNELS)
+        _check_choice("--sat-selection-scope", self.selection_scope, SELECTION_SCOPES)
         for m in self.modules:
             _check_choice("--sat-modules", m, MODULES)
         if not self.modules:

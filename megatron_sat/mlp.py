@@ -53,10 +53,18 @@ class SATMLP(MLP):
             return super().forward(hidden_states, per_token_scale, **kwargs)
         k = self.kept(self.ffn_local, rate)
         shift = self.ffn_local if self.config.gated_linear_unit else None
-        fc1_rows = self.sat.draw(lambda: self.channel_scores(hidden_states),
-                                 lambda s, seed: self.sat.pick(s, k, seed, shift))
-        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, fc1_rows[:k])):
+        fc1_rows, fc2_columns = self.sat.draw(lambda: self.channel_scores(hidden_states),
+                                              lambda s, seed: self.choose(s, k, seed, shift))
+        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, fc2_columns),
+                  reuse=self.sat.reuses_selection):
             return super().forward(hidden_states, **kwargs)
+
+    def choose(self, scores: torch.Tensor, k: int, seed: int,
+               shift: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 8: (``linear_fc1`` rows, ``linear_fc2`` columns) of the k kept channels; a
+        gated unit's rows are the kept gate rows, then the same channels' up rows."""
+        rows = self.sat.pick(scores, k, seed, shift)
+        return rows, rows[:k]
 
     def kept(self, channels: int, rate: float) -> int:
         """Channels kept of this rank's ``channels`` (rounded to ``--sat-channel-multiple``)."""

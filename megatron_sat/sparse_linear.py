@@ -13,14 +13,25 @@ exactly like them unless the owning SAT block sets ``kept`` for one forward with
 communication is megatron's usual one (all-reduce, or all-gather/reduce-scatter with
 sequence parallelism), on tensors that are already narrower.
 
+A layer turns its index into a :class:`KeptSlice`: the kept slice of the weight, gathered
+once, and the slice's weight gradient. With ``--sat-selection-scope iteration`` one
+selection serves the N micro-batches of an iteration (the weights do not change within
+one), so the layer keeps its slice for all of them: one gather per iteration, released after
+the N-th backward. Where the memory allows (:meth:`KeptSlice._summing_pays`), the weight
+gradient is summed over the micro-batches in a compact fp32 buffer by the GEMMs
+themselves (``beta = 1``) and handed to ``main_grad`` once after the N-th backward; the
+buffer costs (1 - r) of the layer's weight in fp32 while the iteration runs.
+
 Gradients: :class:`SubsetMatmul` computes the weight gradient of the kept slice only. When
 megatron's DDP gives the weight a ``main_grad`` buffer, the slice is added straight into it
 (:mod:`megatron_sat.fused_scatter`) and no full-size weight gradient exists; omitted
 rows/columns get exactly zero. Without DDP (unit tests, plain torch) a dense ``.grad`` is
-returned instead. After :func:`track_zeroed_main_grads`, the first micro-batch of an
-iteration writes the slice instead of adding it: megatron's DDP has just zeroed
-``main_grad`` (its ``zero_grad_buffer`` marks the weights ``sat_main_grad_zeroed``), and a
-dense forward of the layer, whose gradient megatron then adds, clears the mark.
+returned instead, at every backward. After :func:`attach_to_megatron_ddp`, the first
+slice handed to ``main_grad`` in an iteration is written instead of added: megatron's DDP
+has just zeroed ``main_grad`` (its ``zero_grad_buffer`` marks the weights
+``sat_main_grad_zeroed``), and a dense forward of the layer, whose gradient megatron then
+adds, clears the mark. DDP's ``finish_grad_sync`` then checks that no summed slice was
+left behind.
 """
 
 from __future__ import annotations
@@ -37,65 +48,146 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from megatron_sat import runtime
 from megatron_sat.fused_scatter import scatter_kept
 
+# KeptSlices holding a summed gradient not yet in main_grad (see attach_to_megatron_ddp)
+_UNFLUSHED: set["KeptSlice"] = set()
+
+
+class KeptSlice:
+    """One layer's kept rows (``dim`` 0) or columns (``dim`` 1) ``index`` for one selection,
+    serving ``micro_batches`` forward/backward passes (the micro-batches of an iteration
+    with ``--sat-selection-scope iteration``, else 1).
+
+    ``weight`` is that slice of the layer's weight (Eq. 9-10 multiply only it), gathered
+    once and released after the last backward. The slice's weight gradient goes to
+    ``main_grad`` either after every backward, or summed in a compact buffer of
+    ``main_grad``'s dtype and handed over once after the last: that buffer (kept x other
+    x 4 bytes) lives while the later micro-batches run, so it is used only where this
+    layer's own omitted activations save at least as much (:meth:`_summing_pays`)."""
+
+    def __init__(self, weight: torch.Tensor, index: torch.Tensor, dim: int,
+                 micro_batches: int = 1):
+        self.index, self.dim, self.micro_batches = index, dim, micro_batches
+        self._omitted = weight.shape[dim] - index.numel()
+        with torch.no_grad():
+            self.weight: torch.Tensor | None = weight.index_select(dim, index)
+        self._grad: torch.Tensor | None = None
+        self._summing = False
+        self._backwards = 0
+
+    @property
+    def spent(self) -> bool:
+        """Whether all its backward passes ran (its weight slice is released)."""
+        return self.weight is None
+
+    def add_gradient(self, weight: torch.Tensor, gy_t: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor | None:
+        """The kept slice's gradient ``gy_t @ x`` of full-size ``weight``: into
+        ``main_grad`` (megatron DDP; returns None, or a placeholder ``.grad`` with
+        ``--overlap-grad-reduce``), or returned as a dense ``.grad`` without it."""
+        self._backwards += 1
+        last = self._backwards >= self.micro_batches
+        if last:
+            self.weight = None
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
+            return torch.zeros_like(weight).index_add_(self.dim, self.index,
+                                                       torch.matmul(gy_t, x))
+        if self._backwards == 1:
+            self._summing = not last and self._summing_pays(x, main_grad)
+        if self._summing:
+            self._add_to_sum(gy_t, x, main_grad.dtype)
+            if last:
+                self._hand_over(weight, main_grad, self._grad)
+                self._grad = None
+                _UNFLUSHED.discard(self)
+            else:
+                _UNFLUSHED.add(self)
+        else:
+            self._hand_over(weight, main_grad, _product(gy_t, x, main_grad.dtype))
+        if hasattr(weight, "grad_added_to_main_grad"):
+            weight.grad_added_to_main_grad = True
+        if runtime.dummy_wgrad_enabled():
+            return torch.empty_like(weight)
+        return None
+
+    def _summing_pays(self, x: torch.Tensor, main_grad: torch.Tensor) -> bool:
+        """Whether the compact sum costs no more memory than the layer's own omitted
+        activations save in each micro-batch: tokens x omitted x the activation's bytes
+        (a kept-rows layer's omitted outputs, a kept-columns layer's omitted inputs, which
+        a dense block would keep for its backward) against kept x other x the sum's bytes.
+        TinyLlama at 32k tokens per micro-batch: summed at r >= 0.2, not at r = 0.1."""
+        kept_elements = self.index.numel() * main_grad.shape[1 - self.dim]
+        saved = x.shape[0] * self._omitted * x.element_size()
+        return saved >= kept_elements * main_grad.element_size()
+
+    def _add_to_sum(self, gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """``self._grad += gy_t @ x`` in ``dtype``; on a GPU fp32 accumulation by the GEMM
+        (beta = 1): never rounded to bf16, no extra pass."""
+        if self._grad is None:
+            self._grad = _product(gy_t, x, dtype)
+        elif gy_t.is_cuda and x.dtype != dtype:
+            torch.addmm(self._grad, gy_t, x, out_dtype=dtype, out=self._grad)
+        else:
+            self._grad.add_(torch.matmul(gy_t, x).to(dtype))
+
+    def _hand_over(self, weight: torch.Tensor, main_grad: torch.Tensor,
+                   grad_kept: torch.Tensor) -> None:
+        """Into ``main_grad``: written if megatron's DDP zeroed it since anything was added
+        (``sat_main_grad_zeroed``), else added."""
+        zeroed = getattr(weight, "sat_main_grad_zeroed", False)
+        weight.sat_main_grad_zeroed = False
+        scatter_kept(main_grad, self.dim, self.index, grad_kept, accumulate=not zeroed)
+
+
+def _product(gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``gy_t @ x`` in ``dtype``; on a GPU a half-precision GEMM with an fp32 result."""
+    if gy_t.is_cuda and x.dtype != dtype:
+        return torch.mm(gy_t, x, out_dtype=dtype)
+    return torch.matmul(gy_t, x).to(dtype)
+
 
 class SubsetMatmul(torch.autograd.Function):
-    """y = x @ W_kept^T with W_kept = W.index_select(dim, index).
+    """y = x @ W_kept^T with W_kept = W.index_select(kept.dim, kept.index) = ``kept.weight``.
 
-    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features). The gathered
-    W_kept is saved for the backward pass rather than gathered again: it is (1 - r) of the
-    layer's weight in the compute dtype, small next to the layer's saved activations.
+    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features). W_kept is
+    saved for the backward pass rather than gathered again: it is (1 - r) of the layer's
+    weight in the compute dtype, small next to the layer's saved activations.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, dim: int):
-        kept = weight.index_select(dim, index)
-        ctx.save_for_backward(x, weight, index, kept)
-        ctx.dim = dim
-        return torch.matmul(x, kept.t())
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kept: KeptSlice):
+        ctx.save_for_backward(x, weight, kept.weight)
+        ctx.kept = kept
+        return torch.matmul(x, kept.weight.t())
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, index, kept = ctx.saved_tensors
+        x, weight, kept_weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_y, kept)
+            grad_x = torch.matmul(grad_y, kept_weight)
         grad_w = None
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])
-            grad_w = _accumulate_weight_grad(weight, ctx.dim, index, gy.t(),
-                                             x.reshape(-1, x.shape[-1]))
-        return grad_x, grad_w, None, None
+            grad_w = ctx.kept.add_gradient(weight, gy.t(), x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w, None
 
 
-def _accumulate_weight_grad(weight, dim, index, gy_t, x):
-    """Add the kept slice's weight gradient ``gy_t @ x`` into ``weight.main_grad`` (fp32,
-    megatron DDP), or return a dense ``.grad`` holding it when there is no ``main_grad``."""
-    main_grad = getattr(weight, "main_grad", None)
-    if main_grad is None:
-        return torch.zeros_like(weight).index_add_(dim, index, torch.matmul(gy_t, x))
-    if main_grad.is_cuda and x.dtype != main_grad.dtype:
-        # a half-precision GEMM with an fp32 result: no rounding to bf16, no cast pass
-        grad_kept = torch.mm(gy_t, x, out_dtype=main_grad.dtype)
-    else:
-        grad_kept = torch.matmul(gy_t, x).to(main_grad.dtype)
-    zeroed = getattr(weight, "sat_main_grad_zeroed", False)
-    weight.sat_main_grad_zeroed = False
-    scatter_kept(main_grad, dim, index, grad_kept, accumulate=not zeroed)
-    if hasattr(weight, "grad_added_to_main_grad"):
-        weight.grad_added_to_main_grad = True
-    if runtime.dummy_wgrad_enabled():
-        return torch.empty_like(weight)
-    return None
+def attach_to_megatron_ddp() -> None:
+    """Hook SAT's kept-slice gradients into megatron DDP (idempotent):
 
-
-def track_zeroed_main_grads() -> None:
-    """Make megatron DDP's ``zero_grad_buffer`` (called at the start of every training
-    iteration) mark its parameters ``sat_main_grad_zeroed``, so that the first kept-slice
-    gradient of the iteration is written rather than added. Idempotent."""
+    * ``zero_grad_buffer`` (called at the start of every training iteration) marks its
+      parameters ``sat_main_grad_zeroed``, so that the first kept slice handed to
+      ``main_grad`` in the iteration is written rather than added;
+    * ``finish_grad_sync`` (before the optimizer step) raises if a kept slice's summed
+      gradient never reached ``main_grad``: the iteration ran fewer backward passes than
+      the micro-batch count SAT was told (``runtime.set_micro_batches``).
+    """
     from megatron.core.distributed import DistributedDataParallel
 
-    zero = DistributedDataParallel.zero_grad_buffer
-    if getattr(zero, "_sat_marks_zeroed", False):
+    zero, finish = DistributedDataParallel.zero_grad_buffer, \
+        DistributedDataParallel.finish_grad_sync
+    if getattr(zero, "_sat_attached", False):
         return
 
     def zero_grad_buffer(self):
@@ -103,24 +195,58 @@ def track_zeroed_main_grads() -> None:
         for param in self.module.parameters():
             param.sat_main_grad_zeroed = True
 
-    zero_grad_buffer._sat_marks_zeroed = True
+    def finish_grad_sync(self, *args, **kwargs):
+        if _UNFLUSHED:
+            counts = sorted({(k._backwards, k.micro_batches) for k in _UNFLUSHED})
+            _UNFLUSHED.clear()
+            raise RuntimeError(
+                f"SAT: kept-slice weight gradients were summed over {counts} (backward "
+                "passes, micro-batches expected) and never reached main_grad; the "
+                "iteration ran fewer backward passes than its micro-batch count. Report "
+                "this with your schedule flags; --sat-selection-scope microbatch avoids "
+                "the summation")
+        return finish(self, *args, **kwargs)
+
+    zero_grad_buffer._sat_attached = True
     DistributedDataParallel.zero_grad_buffer = zero_grad_buffer
+    DistributedDataParallel.finish_grad_sync = finish_grad_sync
 
 
 @contextmanager
-def keep(*pairs):
-    """``with keep((layer, index), ...)``: the layers compute only ``index`` for this block."""
+def keep(*pairs, reuse: bool = False):
+    """``with keep((layer, index), ...)``: the layers compute only ``index`` for this block.
+
+    ``reuse``: one selection serves every micro-batch of the iteration (the same index
+    objects, unchanged weights), so each layer keeps its :class:`KeptSlice` until it is
+    handed another index object."""
     with ExitStack() as stack:
         for layer, index in pairs:
-            layer.kept = index
+            layer.kept, layer.reuse_kept = index, reuse
             stack.callback(setattr, layer, "kept", None)
         yield
 
 
-class SATColumnParallelLinear(ColumnParallelLinear):
-    """ColumnParallelLinear that can compute a subset of its local output rows."""
+class _SparseLinear:
+    """What the two SAT layers share: their :class:`KeptSlice` for the current ``kept``.
+    A forward without grad (the first pass of activation recompute) keeps nothing."""
 
     kept: torch.Tensor | None = None
+    reuse_kept = False
+    _slice: KeptSlice | None = None
+
+    def kept_slice(self, dim: int) -> KeptSlice:
+        if (self._slice is not None and self._slice.index is self.kept
+                and not self._slice.spent):
+            return self._slice
+        reused = self.reuse_kept and torch.is_grad_enabled()
+        kept = KeptSlice(self.weight, self.kept, dim,
+                         runtime.micro_batches() if reused else 1)
+        self._slice = kept if reused else None
+        return kept
+
+
+class SATColumnParallelLinear(_SparseLinear, ColumnParallelLinear):
+    """ColumnParallelLinear that can compute a subset of its local output rows."""
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         if self.kept is None:
@@ -131,23 +257,21 @@ class SATColumnParallelLinear(ColumnParallelLinear):
                                                      group=self.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        y = SubsetMatmul.apply(x, self.weight, self.kept, 0)
+        y = SubsetMatmul.apply(x, self.weight, self.kept_slice(0))
         bias = self.bias.index_select(0, self.kept) if self.bias is not None else None
         if bias is not None and not self.skip_bias_add:
             return y + bias, None
         return y, bias
 
 
-class SATRowParallelLinear(RowParallelLinear):
+class SATRowParallelLinear(_SparseLinear, RowParallelLinear):
     """RowParallelLinear that can read a subset of its local input columns."""
-
-    kept: torch.Tensor | None = None
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         if self.kept is None:
             self.weight.sat_main_grad_zeroed = False  # megatron adds this gradient
             return super().forward(input_, *args, **kwargs)
-        y = SubsetMatmul.apply(input_, self.weight, self.kept, 1)
+        y = SubsetMatmul.apply(input_, self.weight, self.kept_slice(1))
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
         else:

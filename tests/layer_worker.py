@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from megatron_sat import runtime  # noqa: E402
 from megatron_sat.attention import SATSelfAttention  # noqa: E402
-from megatron_sat.config import SATConfig  # noqa: E402
+from megatron_sat.config import SELECTION_SCOPES, SATConfig  # noqa: E402
 from megatron_sat.core_attention import SDPAttention  # noqa: E402
 from megatron_sat.mlp import SATMLP  # noqa: E402
 from megatron_sat.sparse_linear import SATColumnParallelLinear, SATRowParallelLinear  # noqa
@@ -201,7 +201,7 @@ def mlp_case(tp, sp, gated, bias, metric, use_main_grad, rate=0.5, multiple=64,
     mlp = build_mlp(cfg, sat).train()
     x_full = shared_randn(SEQ, BATCH, HIDDEN, seed=3)
     y, xg, grads = run(mlp, x_full, sp, use_main_grad)
-    fc1_rows = mlp.sat.state.last  # [gate; up] rows of a gated unit: the channels twice
+    fc1_rows = mlp.sat.state.last[0]  # [gate; up] rows of a gated unit: the channels twice
     ch = fc1_rows[: fc1_rows.numel() // 2] if gated else fc1_rows
     f_l = FFN // tp
     w1s = gather_list(mlp.linear_fc1.weight.detach())
@@ -369,17 +369,24 @@ def token_mean_case(tp, sp):
             "logits_scale": out[False][0].abs().max().item()}
 
 
-def recompute_case(tp):
+def recompute_case(tp, scope):
     """Full activation recompute of a SAT MLP reuses the first forward's channels."""
     from megatron.core import tensor_parallel
     cfg = transformer_config(tp, False)
-    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling")
+    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling",
+                    selection_scope=scope)
     mlp = build_mlp(cfg, sat).train()
     x = shared_randn(SEQ, BATCH, HIDDEN, seed=4)
     grads, draws = [], []
     for recompute in (False, True):
         mlp.zero_grad()
         mlp.set_layer_number(1)  # fresh selection state: both runs draw micro-batch 0
+        drawn, pick = [], mlp.sat.pick
+
+        def counted_pick(*args, _drawn=drawn, _pick=pick):
+            _drawn.append(1)
+            return _pick(*args)
+        mlp.sat.pick = counted_pick
         xi = x.clone().requires_grad_(True)
         if recompute:
             y, _ = tensor_parallel.checkpoint(lambda t: mlp(t), False, xi)
@@ -387,51 +394,68 @@ def recompute_case(tp):
             y, _ = mlp(xi)
         (y * shared_randn(*y.shape, seed=1)).sum().backward()
         grads.append([xi.grad] + [p.grad.clone() for p in mlp.parameters()])
-        draws.append(mlp.sat.state._draws)
+        draws.append(len(drawn))
+        del mlp.sat.pick
     diff = max((a - b).abs().max().item() for a, b in zip(*grads))
     # a second draw in the recompute pass would take new noise (and count 2 draws)
-    return {"case": f"recompute tp{tp}", "max_error": diff, "draws": draws}
+    return {"case": f"recompute tp{tp} {scope}", "max_error": diff, "draws": draws}
 
 
-def ddp_accumulation_case(tp):
+def ddp_accumulation_case(tp, scope, seq):
     """Micro-batches accumulated in megatron's DDP grad buffer, whose ``zero_grad_buffer``
-    marks ``main_grad`` zeroed (``track_zeroed_main_grads``): the first SAT micro-batch
-    writes its kept slice, the next ones add, a dense micro-batch before them keeps its
-    gradient, and the next iteration starts from zero. Reference: the same module without
-    ``main_grad``, where autograd sums each micro-batch's dense ``.grad``."""
+    marks ``main_grad`` zeroed (``attach_to_megatron_ddp``): the first kept slice handed
+    over writes, later ones add; a dense micro-batch before them keeps its gradient, and
+    the next iteration starts from zero. With ``scope`` iteration the SAT micro-batches of
+    an iteration share one selection (``runtime.set_micro_batches``) and, at ``seq`` 32,
+    where the layers' omitted activations outweigh a compact sum of their kept gradients,
+    hand over one summed slice after the last of them; at ``seq`` 8 each hands over its
+    own. With ``microbatch`` each draws and hands over its own.
+    Reference: the same module without ``main_grad``, where autograd sums each
+    micro-batch's dense ``.grad``."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron_sat.sparse_linear import track_zeroed_main_grads
-    track_zeroed_main_grads()
+    from megatron_sat.sparse_linear import attach_to_megatron_ddp
+    attach_to_megatron_ddp()
     cfg = transformer_config(tp, False)
-    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling")
+    sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling",
+                    selection_scope=scope)
     reseed(23)
     mlp = build_mlp(cfg, sat)
     reseed(23)
     reference = build_mlp(cfg, sat)  # the same weights
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), mlp)
+    fc1_grad = mlp.linear_fc1.weight.main_grad
     out = []
     # (iteration, [training mode of each micro-batch]): eval = dense (r = 0) forward
     for it, modes in ((1, [True, True]), (2, [False, True]), (3, [True, True, True])):
         runtime.set_iteration(it)
+        runtime.set_micro_batches(sum(modes) if scope == "iteration" else 1)
         ddp.zero_grad_buffer()
         marked = all(getattr(p, "sat_main_grad_zeroed", False) for p in mlp.parameters())
         reference.zero_grad()
         for module in (mlp, reference):
             module.set_layer_number(1)  # the same draws in both
+        selections, untouched = [], []
         for mb, training in enumerate(modes):
-            x = shared_randn(SEQ, BATCH, HIDDEN, seed=40 + 10 * it + mb)
-            cot = shared_randn(SEQ, BATCH, HIDDEN, seed=41 + 10 * it + mb)
+            x = shared_randn(seq, BATCH, HIDDEN, seed=40 + 10 * it + mb)
+            cot = shared_randn(seq, BATCH, HIDDEN, seed=41 + 10 * it + mb)
             for module in (ddp, reference):
                 module.train(training)
                 y, _ = module(x)
                 (y * cot).sum().backward()
+            if training:
+                selections.append(mlp.sat.state.last[0])
+                untouched.append(bool(torch.all(fc1_grad == 0)))
         want = {name: p.grad for name, p in reference.named_parameters()}
         errs = {name: (p.main_grad - want[name]).abs().max().item()
                 for name, p in mlp.named_parameters()}
-        out.append({"case": f"ddp accumulation tp{tp} iteration {it}",
+        out.append({"case": f"ddp accumulation tp{tp} {scope} seq{seq} iteration {it}",
+                    "seq": seq,
                     "micro_batches": ["sat" if t else "dense" for t in modes],
                     "marked_zeroed": marked, "main_grad_errors": errs,
+                    "one_selection": all(s is selections[0] for s in selections),
+                    "main_grad_zero_after_each_sat_micro_batch": untouched,
                     "scale": max(want[name].abs().max().item() for name in errs)})
+    runtime.set_micro_batches(1)
     return out
 
 
@@ -460,8 +484,10 @@ def main(path):
     runtime.set_iteration(3)
     for sp in ((False, True) if tp > 1 else (False,)):
         records.append(token_mean_case(tp, sp))
-    records.append(recompute_case(tp))
-    records += ddp_accumulation_case(tp)
+    for scope in SELECTION_SCOPES:
+        records.append(recompute_case(tp, scope))
+        for seq in (SEQ, 4 * SEQ):
+            records += ddp_accumulation_case(tp, scope, seq)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(records, f, indent=1)

@@ -28,6 +28,7 @@ GQA = dict(num_attention_heads=8, num_query_groups=2, ffn_hidden_size=64)
     (dict(omission_rate=0.5, gqa_mode="kv"), "--sat-gqa-mode"),
     (dict(omission_rate=0.5, dp_selection="global"), "--sat-dp-selection"),
     (dict(omission_rate=0.5, selection_kernel="cuda"), "--sat-selection-kernel"),
+    (dict(omission_rate=0.5, selection_scope="step"), "--sat-selection-scope"),
     (dict(omission_rate=0.5, modules=("mlp", "embedding")), "--sat-modules"),
     (dict(omission_rate=0.5, modules=()), "--sat-modules"),
     (dict(omission_rate=0.5, temperature=0.0), "--sat-temperature"),
@@ -186,6 +187,7 @@ def _parser():
     (["--sat-gqa-mode", "x"], "--sat-gqa-mode"),
     (["--sat-dp-selection", "x"], "--sat-dp-selection"),
     (["--sat-selection-kernel", "triton"], "--sat-selection-kernel"),
+    (["--sat-selection-scope", "step"], "--sat-selection-scope"),
     (["--sat-modules", "embedding"], "--sat-modules"),
 ])
 def test_parser_rejects_with_exit_2(argv, flag, capsys):
@@ -208,13 +210,14 @@ def test_every_flag_maps_to_its_field():
         "--sat-temperature", "0.3", "--sat-score-scale", "minmax", "--sat-lors-start", "40",
         "--sat-lors-ladders", "3", "--sat-gqa-mode", "groups", "--sat-dp-selection", "shared",
         "--sat-modules", "attention", "attention", "mlp", "--train-iters", "100",
-        "--seed", "77", "--sat-selection-kernel", "torch"])
+        "--seed", "77", "--sat-selection-kernel", "torch", "--sat-selection-scope",
+        "microbatch"])
     cfg = sat_config_from_args(args)
     assert cfg == SATConfig(omission_rate=0.75, metric="wanda", selection="topk",
                             temperature=0.3, score_scale="minmax", lors_start=40,
                             lors_ladders=3, train_iters=100, gqa_mode="groups",
                             dp_selection="shared", modules=("attention", "mlp"), seed=77,
-                            selection_kernel="torch")
+                            selection_kernel="torch", selection_scope="microbatch")
 
 
 def test_sat_config_from_args_validates():

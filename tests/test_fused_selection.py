@@ -144,6 +144,8 @@ for block in ("mlp", "attention"):
     last = [m.sat.state.last for m in (fused, plain)]
     if block == "attention":
         last = [torch.cat([s.qkv_rows, s.proj_columns]) for s in last]
+    else:
+        last = [rows for rows, _ in last]
     out[block] = {"same_indices": torch.equal(*last), "same_output": torch.equal(*ys),
                   "kept": last[0].numel()}
 out["calls"] = calls

@@ -227,3 +227,12 @@ def test_a_block_takes_an_offered_token_mean_only_for_its_own_input():
                     (SATConfig(omission_rate=0.5, metric="wanda"), False),
                     (SATConfig(omission_rate=0.5, metric="maxip"), True)):
         assert not SparseBlock(cfg, 0, None, sequence_parallel=sp).wants_token_mean(True)
+    # ... and only while the next forward draws: not once the iteration's selection exists
+    block.draw(lambda: torch.ones(4), lambda scores, seed: seed)
+    assert not block.wants_token_mean(True)
+    runtime.set_iteration(2)
+    assert block.wants_token_mean(True)
+    micro = SparseBlock(SATConfig(omission_rate=0.5, selection_scope="microbatch"), 0, None,
+                        sequence_parallel=False)
+    micro.draw(lambda: torch.ones(4), lambda scores, seed: seed)
+    assert micro.wants_token_mean(True)

@@ -158,3 +158,29 @@ def test_mix_is_deterministic_63_bit():
     assert a == runtime._mix(1234, 3, 0, 5, 0, 0, 0)
     assert 0 <= a < 2 ** 63
     assert len({runtime._mix(1234, 3, 0, it, k, 0, 0) for it in range(50) for k in range(8)}) == 400
+
+
+def test_iteration_scope_draws_once_per_iteration_and_its_first_draw_is_microbatch_scopes():
+    """``--sat-selection-scope iteration``: every forward of an iteration (micro-batches,
+    a no-grad forward and its recompute) gets one selection object, drawn with the seed of
+    the micro-batch scope's first draw; the next iteration draws anew."""
+    st, d = SelectionState(1234, 3, 0, scope="iteration"), Drawer()
+    for it in (5, 6):
+        set_iteration(it)
+        assert not st.drawn()
+        first = _take(st, d)
+        assert st.drawn()
+        with torch.no_grad():
+            again = [_take(st, d) for _ in range(2)]
+        again += [_take(st, d) for _ in range(3)]
+        assert all(a is first for a in again) and d.calls == it - 4
+        assert torch.equal(first, _take(SelectionState(1234, 3, 0), Drawer()))
+    assert st.drawn() and not SelectionState(1234, 3, 0).drawn()  # microbatch never reuses
+
+
+def test_set_micro_batches_refuses_zero():
+    runtime.set_micro_batches(4)
+    assert runtime.micro_batches() == 4
+    with pytest.raises(ValueError, match="at least one micro-batch"):
+        runtime.set_micro_batches(0)
+    runtime.set_micro_batches(1)

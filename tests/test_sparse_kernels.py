@@ -2,7 +2,8 @@
 
 ``SubsetMatmul``: forward, input gradient and the kept slice's weight gradient, added into
 an fp32 ``main_grad`` (megatron DDP) or returned as a dense ``.grad``, against autograd of
-the dense slice. The Triton scatter of the kept rows' slice (``fused_scatter``) against
+the dense slice; a :class:`KeptSlice` serving several micro-batches sums their gradients
+and hands them to ``main_grad`` after the last. The Triton scatter of the kept rows' slice (``fused_scatter``) against
 torch's ``index_add_`` / ``index_copy_``, in Triton's CPU interpreter. The ``cuda`` tests run on
 a GPU only (``benchmarks/run_h100.sh OUT check``): the weight gradient through the
 fp32-result GEMM, for rows and columns, and the scatter at model shapes. The selection
@@ -19,9 +20,15 @@ import pytest
 import torch
 from _tools import run_interpreted
 
-from megatron_sat.sparse_linear import SubsetMatmul
+from megatron_sat import sparse_linear
+from megatron_sat.sparse_linear import KeptSlice, SubsetMatmul
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _subset(x, weight, index, dim, kept=None):
+    """``SubsetMatmul`` of a fresh :class:`KeptSlice` (one backward per slice) or ``kept``."""
+    return SubsetMatmul.apply(x, weight, kept if kept is not None else KeptSlice(weight, index, dim))
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -35,7 +42,7 @@ def test_subset_matmul_matches_autograd_of_the_dense_slice(dim, with_main_grad):
     if with_main_grad:
         w.main_grad = torch.full_like(weight, 0.5)
     xa = x.clone().requires_grad_()
-    y = SubsetMatmul.apply(xa, w, index, dim)
+    y = _subset(xa, w, index, dim)
     xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
     yr = xr @ wr.index_select(dim, index).t()
     g = torch.randn_like(yr)
@@ -55,22 +62,29 @@ def test_subset_matmul_matches_autograd_of_the_dense_slice(dim, with_main_grad):
 
 
 @cuda
+@pytest.mark.parametrize("micro_batches", [1, 3])
 @pytest.mark.parametrize("dim", [0, 1])
-def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim):
+def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim, micro_batches):
+    """bf16 GEMMs with an fp32 result (the first micro-batch) and fp32 accumulation (the
+    next ones) into the slice's sum, handed to ``main_grad`` after the last: never rounded
+    to bf16."""
     torch.manual_seed(0)
     index = torch.randperm(512 if dim == 0 else 256, device="cuda")[:200].sort().values
-    x = torch.randn(4096, 256 if dim == 0 else 200, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight.main_grad = torch.randn(512, 256, device="cuda", dtype=torch.float32)
     before = weight.main_grad.double()
-    y = SubsetMatmul.apply(x, weight, index, dim)
-    g = torch.randn_like(y)
-    y.backward(g)
+    kept = KeptSlice(weight, index, dim, micro_batches)
     want = before.clone()
-    if dim == 0:
-        want[index] += g.double().t() @ x.double()
-    else:
-        want[:, index] += g.double().t() @ x.double()
+    for step in range(micro_batches):
+        assert torch.equal(weight.main_grad.double(), before)  # nothing handed over yet
+        x = torch.randn(4096, 256 if dim == 0 else 200, device="cuda", dtype=torch.bfloat16)
+        y = _subset(x, weight, index, dim, kept)
+        g = torch.randn_like(y)
+        y.backward(g)
+        if dim == 0:
+            want[index] += g.double().t() @ x.double()
+        else:
+            want[:, index] += g.double().t() @ x.double()
     err = (weight.main_grad.double() - want).abs().max().item()
     bf16_err = (want.to(torch.bfloat16).double() - want).abs().max().item()
     # omitted rows/columns untouched, bitwise
@@ -94,10 +108,92 @@ def test_first_slice_after_zeroing_is_written_then_added(dim):
     for _ in range(2):
         x = torch.randn(5, 8 if dim == 0 else 4, dtype=torch.float64)
         g = torch.randn(5, 3 if dim == 0 else 6, dtype=torch.float64)
-        SubsetMatmul.apply(x, weight, index, dim).backward(g)
+        _subset(x, weight, index, dim).backward(g)
         want.index_add_(dim, index, g.t() @ x)
         assert weight.sat_main_grad_zeroed is False
         torch.testing.assert_close(weight.main_grad, want)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("zeroed", [False, True])
+@pytest.mark.parametrize("tokens", [16, 2])
+def test_slice_reused_by_micro_batches_sums_where_the_omitted_activations_pay_for_it(
+        dim, zeroed, tokens):
+    """One :class:`KeptSlice` for three micro-batches. At 16 tokens the layer's omitted
+    activations (16 x 3 rows or 16 x 4 columns, 8 bytes each) outweigh the compact sum
+    (3 x 8 or 4 x 6, 8 bytes each): ``main_grad`` is untouched by the first two backward
+    passes and then holds the sum of all three. At 2 tokens they do not: each backward
+    hands its slice over at once. Either way the first hand-over writes over what was
+    there if megatron zeroed the buffer, later ones add; omitted rows/columns stay as they
+    were; the gathered weight slice is released after the last backward."""
+    torch.manual_seed(2)
+    weight = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([0, 2, 5]) if dim == 0 else torch.tensor([1, 3, 4, 7])
+    start = torch.full((6, 8), 100.0, dtype=torch.float64)
+    weight.main_grad = start.clone()
+    weight.sat_main_grad_zeroed = zeroed
+    kept = KeptSlice(weight, index, dim, micro_batches=3)
+    assert torch.equal(kept.weight, weight.detach().index_select(dim, index))
+    summed = tokens == 16
+    total = torch.zeros(6, 8, dtype=torch.float64)
+    for step in range(3):
+        assert not kept.spent
+        x = torch.randn(tokens, 8 if dim == 0 else 4, dtype=torch.float64)
+        g = torch.randn(tokens, 3 if dim == 0 else 6, dtype=torch.float64)
+        _subset(x, weight, index, dim, kept).backward(g)
+        total.index_add_(dim, index, g.t() @ x)
+        assert (kept in sparse_linear._UNFLUSHED) == (summed and step < 2)
+        if summed and step < 2:
+            assert torch.equal(weight.main_grad, start), step  # nothing handed over yet
+        else:
+            want = (start.index_fill(dim, index, 0.0) if zeroed else start) + total
+            torch.testing.assert_close(weight.main_grad, want)
+    assert weight.sat_main_grad_zeroed is False and weight.grad is None
+    assert kept.spent and kept.weight is None
+
+
+def test_layer_gathers_a_new_slice_once_the_last_is_spent():
+    """The layer keeps its :class:`KeptSlice` for the index object it was made for until
+    the slice's backward passes have all run; a forward after that gathers anew."""
+    from megatron_sat.sparse_linear import _SparseLinear
+
+    class Layer(_SparseLinear):
+        weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    layer, index = Layer(), torch.tensor([1, 4])
+    layer.kept, layer.reuse_kept = index, True
+    sparse_linear.runtime.set_micro_batches(2)
+    try:
+        first = layer.kept_slice(0)
+        for _ in range(2):
+            assert layer.kept_slice(0) is first
+            _subset(torch.randn(3, 4, dtype=torch.float64), layer.weight, None, 0,
+                    first).sum().backward()
+        assert first.spent
+        second = layer.kept_slice(0)
+        assert second is not first and layer.kept_slice(0) is second
+        layer.kept = torch.tensor([1, 4])  # a new selection: a new slice, even if equal
+        assert layer.kept_slice(0) is not second
+        layer.kept = torch.tensor([0, 2])
+        with torch.no_grad():  # a recompute's first pass: a slice for one forward, not kept
+            assert layer.kept_slice(0) is not layer.kept_slice(0)
+    finally:
+        sparse_linear.runtime.set_micro_batches(1)
+
+
+def test_finish_grad_sync_refuses_a_summed_gradient_left_behind():
+    """A slice told to expect more backward passes than ran keeps its sum; megatron DDP's
+    ``finish_grad_sync`` (before the optimizer step) then fails instead of stepping
+    without it."""
+    from megatron.core.distributed import DistributedDataParallel
+    sparse_linear.attach_to_megatron_ddp()
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight.main_grad = torch.zeros(4, 3, dtype=torch.float64)
+    kept = KeptSlice(weight, torch.tensor([1, 2]), 0, micro_batches=2)
+    _subset(torch.randn(5, 3, dtype=torch.float64), weight, None, 0, kept).sum().backward()
+    with pytest.raises(RuntimeError, match=r"\[\(1, 2\)\].*never reached main_grad"):
+        DistributedDataParallel.finish_grad_sync(object())  # raises before megatron's code
+    assert not sparse_linear._UNFLUSHED
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_sat.config import SELECTION_SCOPES
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # fp32 module vs float64 reference, values of order 1
 
@@ -107,9 +109,10 @@ def test_layer_norms_hand_their_token_mean_to_the_maxip_blocks(records):
         assert r["max_difference"] == 0.0, r
 
 
-def test_recompute_reuses_indices_and_gives_identical_gradients(records):
+@pytest.mark.parametrize("scope", SELECTION_SCOPES)
+def test_recompute_reuses_indices_and_gives_identical_gradients(records, scope):
     tp, recs = records
-    r = recs[f"recompute tp{tp}"]
+    r = recs[f"recompute tp{tp} {scope}"]
     assert r["max_error"] == 0.0
     assert r["draws"] == [1, 1]
 
@@ -119,10 +122,23 @@ def test_micro_batches_accumulate_in_megatron_ddp_grad_buffer(records):
     ones add; a dense micro-batch first, or a new iteration, is handled (see
     ``ddp_accumulation_case``)."""
     _, recs = records
-    cases = [r for r in recs.values() if r["case"].startswith("ddp accumulation")]
-    assert [r["micro_batches"] for r in cases] == [
-        ["sat", "sat"], ["dense", "sat"], ["sat", "sat", "sat"]]
-    for r in cases:
+    for scope in SELECTION_SCOPES:
+        for seq in (8, 32):
+            cases = [r for r in recs.values() if r["case"].startswith("ddp accumulation")
+                     and f" {scope} seq{seq} iteration " in r["case"]]
+            assert [r["micro_batches"] for r in cases] == [
+                ["sat", "sat"], ["dense", "sat"], ["sat", "sat", "sat"]]
+            summed = scope == "iteration" and seq == 32
+            for r in cases:
+                n_sat = r["micro_batches"].count("sat")
+                # iteration scope: one selection; at seq 32 main_grad untouched until the
+                # last SAT micro-batch hands over the sum; else a hand-over each
+                assert r["one_selection"] == (scope == "iteration" or n_sat == 1), r["case"]
+                if r["micro_batches"][0] == "sat":
+                    assert r["main_grad_zero_after_each_sat_micro_batch"] == (
+                        [True] * (n_sat - 1) + [False] if summed
+                        else [False] * n_sat), r["case"]
+    for r in [r for r in recs.values() if r["case"].startswith("ddp accumulation")]:
         assert r["marked_zeroed"], r["case"]
         assert r["scale"] > 0.05, r["case"]
         assert set(r["main_grad_errors"]) == {"linear_fc1.weight", "linear_fc2.weight"}
