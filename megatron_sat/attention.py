@@ -112,6 +112,11 @@ class SATSelfAttention(SelfAttention):
             finally:
                 self._layout = None
 
+    def sat_scored_linears(self) -> tuple:
+        """The layers whose weights :meth:`row_scores` reads (see
+        ``sparse_linear.attach_to_megatron_ddp``)."""
+        return (self.linear_qkv,)
+
     def row_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Eq. 5 score of every local ``linear_qkv`` row (Eq. 6-7 are in ``choose_heads``)."""
         return neuron_scores(self.sat.cfg.metric, self.linear_qkv.weight,

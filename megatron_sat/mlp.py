@@ -55,9 +55,16 @@ class SATMLP(MLP):
         shift = self.ffn_local if self.config.gated_linear_unit else None
         fc1_rows, fc2_columns = self.sat.draw(lambda: self.channel_scores(hidden_states),
                                               lambda s, seed: self.choose(s, k, seed, shift))
-        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, fc2_columns),
-                  reuse=self.sat.reuses_selection):
+        # --mlp-chunks-for-training K runs this forward K times per micro-batch: the
+        # layers' slices would count K backward passes per micro-batch, so each gathers anew
+        reuse = self.sat.reuses_selection and self.config.mlp_chunks_for_training <= 1
+        with keep((self.linear_fc1, fc1_rows), (self.linear_fc2, fc2_columns), reuse=reuse):
             return super().forward(hidden_states, **kwargs)
+
+    def sat_scored_linears(self) -> tuple:
+        """The layers whose weights :meth:`channel_scores` reads (see
+        ``sparse_linear.attach_to_megatron_ddp``)."""
+        return (self.linear_fc1,)
 
     def choose(self, scores: torch.Tensor, k: int, seed: int,
                shift: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,10 @@ class KeptSlice:
         """Whether all its backward passes ran (its weight slice is released)."""
         return self.weight is None
 
+    def abandon(self) -> None:
+        """Release the slice and its sum without handing it over (an abandoned iteration)."""
+        self.weight, self._grad = None, None
+
     def add_gradient(self, weight: torch.Tensor, gy_t: torch.Tensor,
                      x: torch.Tensor) -> torch.Tensor | None:
         """The kept slice's gradient ``gy_t @ x`` of full-size ``weight``: into
@@ -174,19 +178,25 @@ class SubsetMatmul(torch.autograd.Function):
 
 
 def attach_to_megatron_ddp() -> None:
-    """Hook SAT's kept-slice gradients into megatron DDP (idempotent):
+    """Hook SAT into megatron DDP (idempotent):
 
     * ``zero_grad_buffer`` (called at the start of every training iteration) marks its
       parameters ``sat_main_grad_zeroed``, so that the first kept slice handed to
-      ``main_grad`` in the iteration is written rather than added;
+      ``main_grad`` in the iteration is written rather than added, and drops the sums of
+      an iteration abandoned midway (checked below), so none carries into this one;
     * ``finish_grad_sync`` (before the optimizer step) raises if a kept slice's summed
       gradient never reached ``main_grad``: the iteration ran fewer backward passes than
-      the micro-batch count SAT was told (``runtime.set_micro_batches``).
+      the micro-batch count SAT was told (``runtime.set_micro_batches``);
+    * ``enable_forward_pre_hook`` (``--overlap-param-gather``): a SAT block reads the
+      weights of its ``sat_scored_linears()`` to score neurons before those layers'
+      forwards, whose pre-hooks wait for the weights' all-gather; the block's own
+      pre-hook now waits for them first.
     """
     from megatron.core.distributed import DistributedDataParallel
 
     zero, finish = DistributedDataParallel.zero_grad_buffer, \
         DistributedDataParallel.finish_grad_sync
+    enable = DistributedDataParallel.enable_forward_pre_hook
     if getattr(zero, "_sat_attached", False):
         return
 
@@ -194,11 +204,13 @@ def attach_to_megatron_ddp() -> None:
         zero(self)
         for param in self.module.parameters():
             param.sat_main_grad_zeroed = True
+        for kept in _UNFLUSHED:
+            kept.abandon()
+        _UNFLUSHED.clear()
 
     def finish_grad_sync(self, *args, **kwargs):
         if _UNFLUSHED:
             counts = sorted({(k._backwards, k.micro_batches) for k in _UNFLUSHED})
-            _UNFLUSHED.clear()
             raise RuntimeError(
                 f"SAT: kept-slice weight gradients were summed over {counts} (backward "
                 "passes, micro-batches expected) and never reached main_grad; the "
@@ -207,9 +219,24 @@ def attach_to_megatron_ddp() -> None:
                 "the summation")
         return finish(self, *args, **kwargs)
 
+    def enable_forward_pre_hook(self):
+        enable(self)
+        wait_for_params = self._make_forward_pre_hook()
+
+        def before_scoring(module, *unused):
+            for layer in (module, *module.sat_scored_linears()):
+                wait_for_params(layer)
+
+        handles = self.remove_forward_pre_hook_handles
+        for module in self.module.modules():
+            if hasattr(module, "sat_scored_linears"):
+                handles[module].remove()
+                handles[module] = module.register_forward_pre_hook(before_scoring)
+
     zero_grad_buffer._sat_attached = True
     DistributedDataParallel.zero_grad_buffer = zero_grad_buffer
     DistributedDataParallel.finish_grad_sync = finish_grad_sync
+    DistributedDataParallel.enable_forward_pre_hook = enable_forward_pre_hook
 
 
 @contextmanager

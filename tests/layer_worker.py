@@ -401,7 +401,7 @@ def recompute_case(tp, scope):
     return {"case": f"recompute tp{tp} {scope}", "max_error": diff, "draws": draws}
 
 
-def ddp_accumulation_case(tp, scope, seq):
+def ddp_accumulation_case(tp, scope, seq, chunks=1):
     """Micro-batches accumulated in megatron's DDP grad buffer, whose ``zero_grad_buffer``
     marks ``main_grad`` zeroed (``attach_to_megatron_ddp``): the first kept slice handed
     over writes, later ones add; a dense micro-batch before them keeps its gradient, and
@@ -409,13 +409,16 @@ def ddp_accumulation_case(tp, scope, seq):
     an iteration share one selection (``runtime.set_micro_batches``) and, at ``seq`` 32,
     where the layers' omitted activations outweigh a compact sum of their kept gradients,
     hand over one summed slice after the last of them; at ``seq`` 8 each hands over its
-    own. With ``microbatch`` each draws and hands over its own.
+    own. With ``microbatch`` each draws and hands over its own. ``chunks`` > 1 runs the MLP
+    on that many pieces of each micro-batch (megatron's ``--mlp-chunks-for-training``):
+    one selection still, and each piece hands over its own slice.
     Reference: the same module without ``main_grad``, where autograd sums each
     micro-batch's dense ``.grad``."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron_sat.sparse_linear import attach_to_megatron_ddp
     attach_to_megatron_ddp()
     cfg = transformer_config(tp, False)
+    cfg.mlp_chunks_for_training = chunks
     sat = SATConfig(omission_rate=0.5, metric="maxip", selection="sampling",
                     selection_scope=scope)
     reseed(23)
@@ -440,7 +443,7 @@ def ddp_accumulation_case(tp, scope, seq):
             cot = shared_randn(seq, BATCH, HIDDEN, seed=41 + 10 * it + mb)
             for module in (ddp, reference):
                 module.train(training)
-                y, _ = module(x)
+                y = torch.cat([module(piece)[0] for piece in x.chunk(chunks, dim=0)])
                 (y * cot).sum().backward()
             if training:
                 selections.append(mlp.sat.state.last[0])
@@ -448,7 +451,8 @@ def ddp_accumulation_case(tp, scope, seq):
         want = {name: p.grad for name, p in reference.named_parameters()}
         errs = {name: (p.main_grad - want[name]).abs().max().item()
                 for name, p in mlp.named_parameters()}
-        out.append({"case": f"ddp accumulation tp{tp} {scope} seq{seq} iteration {it}",
+        out.append({"case": f"ddp accumulation tp{tp} {scope} seq{seq}"
+                    + (f" chunks{chunks}" if chunks > 1 else "") + f" iteration {it}",
                     "seq": seq,
                     "micro_batches": ["sat" if t else "dense" for t in modes],
                     "marked_zeroed": marked, "main_grad_errors": errs,
@@ -488,6 +492,7 @@ def main(path):
         records.append(recompute_case(tp, scope))
         for seq in (SEQ, 4 * SEQ):
             records += ddp_accumulation_case(tp, scope, seq)
+    records += ddp_accumulation_case(tp, "iteration", 4 * SEQ, chunks=2)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(records, f, indent=1)

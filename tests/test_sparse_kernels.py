@@ -181,10 +181,20 @@ def test_layer_gathers_a_new_slice_once_the_last_is_spent():
         sparse_linear.runtime.set_micro_batches(1)
 
 
+def _ddp_stub(module):
+    """The attributes megatron DDP's ``zero_grad_buffer`` and forward pre-hook methods
+    use, over ``module``, with no buffers."""
+    from types import SimpleNamespace
+    return SimpleNamespace(config=SimpleNamespace(), params_with_grad=[], buffers=[],
+                           expert_parallel_buffers=[], bucket_groups=[],
+                           expert_parallel_bucket_groups=[], module=module,
+                           use_forward_hook=True, remove_forward_pre_hook_handles={})
+
+
 def test_finish_grad_sync_refuses_a_summed_gradient_left_behind():
     """A slice told to expect more backward passes than ran keeps its sum; megatron DDP's
     ``finish_grad_sync`` (before the optimizer step) then fails instead of stepping
-    without it."""
+    without it. The next iteration's ``zero_grad_buffer`` drops the abandoned sum."""
     from megatron.core.distributed import DistributedDataParallel
     sparse_linear.attach_to_megatron_ddp()
     weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -193,7 +203,46 @@ def test_finish_grad_sync_refuses_a_summed_gradient_left_behind():
     _subset(torch.randn(5, 3, dtype=torch.float64), weight, None, 0, kept).sum().backward()
     with pytest.raises(RuntimeError, match=r"\[\(1, 2\)\].*never reached main_grad"):
         DistributedDataParallel.finish_grad_sync(object())  # raises before megatron's code
-    assert not sparse_linear._UNFLUSHED
+    assert sparse_linear._UNFLUSHED == {kept}
+    DistributedDataParallel.zero_grad_buffer(_ddp_stub(torch.nn.Linear(2, 2)))
+    assert not sparse_linear._UNFLUSHED and kept.spent
+    assert torch.all(weight.main_grad == 0)  # nothing of the abandoned sum handed over
+
+
+def test_sat_blocks_wait_for_the_weights_they_score_before_scoring():
+    """``--overlap-param-gather``: megatron DDP's forward pre-hook of a module waits for
+    that module's own parameters only; a SAT block reads its linears' weights to score
+    before their forwards, so its pre-hook waits for them (and itself) first."""
+    from megatron.core.distributed import DistributedDataParallel
+    sparse_linear.attach_to_megatron_ddp()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scored, self.other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def sat_scored_linears(self):
+            return (self.scored,)
+
+        def forward(self, x):
+            events.append("block forward")
+            return self.other(self.scored(x))
+
+    events = []
+    stub = _ddp_stub(torch.nn.Sequential(Block()))
+    stub._make_forward_pre_hook = lambda: (
+        lambda module, *unused: events.append(type(module).__name__
+                                              + (" scored" if module is block.scored else "")))
+    block = stub.module[0]
+    DistributedDataParallel.enable_forward_pre_hook(stub)
+    stub.module(torch.randn(1, 2))
+    assert events == ["Sequential", "Block", "Linear scored", "block forward",
+                      "Linear scored", "Linear"]
+    assert set(stub.remove_forward_pre_hook_handles) == set(stub.module.modules())
+    DistributedDataParallel.disable_forward_pre_hook(stub, param_sync=False)
+    events.clear()
+    stub.module(torch.randn(1, 2))
+    assert events == ["block forward"]
 
 
 @pytest.fixture(scope="module")

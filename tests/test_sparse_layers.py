@@ -126,6 +126,7 @@ def test_micro_batches_accumulate_in_megatron_ddp_grad_buffer(records):
         for seq in (8, 32):
             cases = [r for r in recs.values() if r["case"].startswith("ddp accumulation")
                      and f" {scope} seq{seq} iteration " in r["case"]]
+            assert len(cases) == 3
             assert [r["micro_batches"] for r in cases] == [
                 ["sat", "sat"], ["dense", "sat"], ["sat", "sat", "sat"]]
             summed = scope == "iteration" and seq == 32
@@ -138,6 +139,15 @@ def test_micro_batches_accumulate_in_megatron_ddp_grad_buffer(records):
                     assert r["main_grad_zero_after_each_sat_micro_batch"] == (
                         [True] * (n_sat - 1) + [False] if summed
                         else [False] * n_sat), r["case"]
+    # --mlp-chunks-for-training 2: the MLP runs twice per micro-batch; one selection,
+    # and each run hands its slice over (a slice counting micro-batches would be short)
+    chunked = [r for r in recs.values() if " chunks2 " in r["case"]]
+    assert len(chunked) == 3
+    for r in chunked:
+        assert r["one_selection"], r["case"]
+        if r["micro_batches"][0] == "sat":
+            assert r["main_grad_zero_after_each_sat_micro_batch"] == [False] * len(
+                r["micro_batches"]), r["case"]
     for r in [r for r in recs.values() if r["case"].startswith("ddp accumulation")]:
         assert r["marked_zeroed"], r["case"]
         assert r["scale"] > 0.05, r["case"]
