@@ -289,3 +289,32 @@ def test_slurm_launcher_needs_slurm(paths):
     result = run_launcher(SLURM, ["tinyllama"], {**paths, "DRY_RUN": "1"})
     assert result.returncode == 2
     assert "error: SLURM_JOB_ID is not set: run this script with sbatch" in result.stderr
+
+
+@pytest.mark.parametrize("flag, attribute, message", [
+    ("--use-megatron-fsdp", "use_megatron_fsdp",
+     "--use-megatron-fsdp: SAT hands its kept weight gradients to megatron DDP's main_grad"),
+    ("--use-torch-fsdp2", "use_torch_fsdp2",
+     "--use-torch-fsdp2: SAT hands its kept weight gradients to megatron DDP's main_grad"),
+    ("--hybrid-context-parallel", "hybrid_context_parallel",
+     "--hybrid-context-parallel runs a data-dependent number of forward/backward passes"),
+])
+def test_sat_refuses_layouts_its_gradients_cannot_follow(flag, attribute, message,
+                                                         monkeypatch, capsys):
+    """FSDP replaces the main_grad buffers SAT writes into; hybrid context parallelism runs
+    a per-rank number of passes that one selection per iteration cannot count (megatron's
+    own checks refuse these on a CPU first, so the namespace is set directly)."""
+    monkeypatch.setattr(sys, "argv", ["pretrain_sat.py", "--num-layers", "2",
+                                      "--hidden-size", "64", "--num-attention-heads", "4",
+                                      "--sat-omission-rate", "0.5"])
+    args = megatron_arguments.parse_args(add_sat_arguments)
+    args.ffn_hidden_size = 128
+    setattr(args, attribute, True)
+    with pytest.raises(SystemExit) as exit_:
+        pretrain_sat._sat_config(args)
+    assert exit_.value.code == 2
+    assert f"pretrain_sat.py: error: {message}" in capsys.readouterr().err
+    args.sat_omission_rate = 0.0  # dense: nothing of SAT's runs
+    if attribute == "hybrid_context_parallel":
+        args.sat_omission_rate, args.sat_selection_scope = 0.5, "microbatch"
+    assert pretrain_sat._sat_config(args) is not None
