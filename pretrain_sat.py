@@ -126,19 +126,6 @@ def _sat_config(args: argparse.Namespace) -> SATConfig:
         # kept gradient.
         _fail(f"--cuda-graph-impl {args.cuda_graph_impl}: SAT selects neurons in Python at "
               "every forward, which a CUDA graph replay skips; use --cuda-graph-impl none")
-    rate_set = args.sat_omission_rate > 0.0
-    for flag, on in (("--use-megatron-fsdp", getattr(args, "use_megatron_fsdp", False)),
-                     ("--use-torch-fsdp2", getattr(args, "use_torch_fsdp2", False))):
-        if on and rate_set:
-            # the kept gradients go to megatron DDP's main_grad (sparse_linear)
-            _fail(f"{flag}: SAT hands its kept weight gradients to megatron DDP's "
-                  "main_grad buffers, which FSDP replaces; shard the optimizer state with "
-                  f"--use-distributed-optimizer instead of {flag}")
-    if (getattr(args, "hybrid_context_parallel", False) and rate_set
-            and args.sat_selection_scope == "iteration"):
-        _fail("--hybrid-context-parallel runs a data-dependent number of forward/backward "
-              "passes per rank, which one selection per iteration (counting micro-batches) "
-              "cannot follow; add --sat-selection-scope microbatch")
     if args.reset_attention_mask:
         # the attention (megatron_sat.core_attention) is causal over the whole sequence
         _fail("--reset-attention-mask: SAT's attention runs causal fused kernels over the "
@@ -146,7 +133,7 @@ def _sat_config(args: argparse.Namespace) -> SATConfig:
               "(documents packed into one sequence then see the earlier ones, as in Llama "
               "pre-training)")
     try:
-        return sat_config_from_args(args).validate_model(
+        config = sat_config_from_args(args).validate_model(
             num_attention_heads=args.num_attention_heads,
             num_query_groups=(args.num_query_groups if args.group_query_attention
                               else args.num_attention_heads),
@@ -154,6 +141,20 @@ def _sat_config(args: argparse.Namespace) -> SATConfig:
             tp_size=args.tensor_model_parallel_size)
     except SATConfigError as error:
         _fail(str(error))
+    if config.enabled:
+        for flag, on in (("--use-megatron-fsdp", getattr(args, "use_megatron_fsdp", False)),
+                         ("--use-torch-fsdp2", getattr(args, "use_torch_fsdp2", False))):
+            if on:
+                # the kept gradients go to megatron DDP's main_grad (sparse_linear)
+                _fail(f"{flag}: SAT hands its kept weight gradients to megatron DDP's "
+                      "main_grad buffers, which FSDP replaces; shard the optimizer state "
+                      f"with --use-distributed-optimizer instead of {flag}")
+        if (getattr(args, "hybrid_context_parallel", False)
+                and config.selection_scope == "iteration"):
+            _fail("--hybrid-context-parallel runs a data-dependent number of forward/backward "
+                  "passes per rank, which one selection per iteration (counting "
+                  "micro-batches) cannot follow; add --sat-selection-scope microbatch")
+    return config
 
 
 # ----------------------------------------------------------------------------- model

@@ -129,10 +129,10 @@ class KeptSlice:
         (beta = 1): never rounded to bf16, no extra pass."""
         if self._grad is None:
             self._grad = _product(gy_t, x, dtype)
-        elif gy_t.is_cuda and x.dtype != dtype:
+        elif _gemm_result_in(gy_t, x, dtype):
             torch.addmm(self._grad, gy_t, x, out_dtype=dtype, out=self._grad)
         else:
-            self._grad.add_(torch.matmul(gy_t, x).to(dtype))
+            self._grad.add_(_product(gy_t, x, dtype))
 
     def _hand_over(self, weight: torch.Tensor, main_grad: torch.Tensor,
                    grad_kept: torch.Tensor) -> None:
@@ -143,9 +143,15 @@ class KeptSlice:
         scatter_kept(main_grad, self.dim, self.index, grad_kept, accumulate=not zeroed)
 
 
+def _gemm_result_in(gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the GEMM itself produces (or accumulates into) ``dtype`` from lower-precision
+    operands: CUDA's ``out_dtype`` GEMMs, no rounding to bf16 and no cast pass."""
+    return gy_t.is_cuda and x.dtype != dtype
+
+
 def _product(gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``gy_t @ x`` in ``dtype``; on a GPU a half-precision GEMM with an fp32 result."""
-    if gy_t.is_cuda and x.dtype != dtype:
+    if _gemm_result_in(gy_t, x, dtype):
         return torch.mm(gy_t, x, out_dtype=dtype)
     return torch.matmul(gy_t, x).to(dtype)
 
