@@ -36,6 +36,12 @@ megatron-core's ``--cross-entropy-fusion-impl native`` and torch's ``F.cross_ent
 against :mod:`megatron_sat.fused_cross_entropy`, forward + backward at TinyLlama's
 16 x 2048 tokens (hidden 2048, vocabulary 32000); errors against float32 references.
 
+Selection (``selection``): the Triton selection kernels (:mod:`megatron_sat.fused_selection`)
+at TinyLlama's and Llama-2-7B's MLP and attention shapes and r = 0.25, 0.5, 0.75 (sampling
+from bf16 scores), by GPU time, against the torch path and, with ``--selection-baseline
+FILE``, against another version of ``fused_selection.py`` (e.g. ``git show
+REV:megatron_sat/fused_selection.py > FILE``), which must keep the same neurons.
+
     python benchmarks/bench_kernels.py --out kernels.json
 """
 
@@ -256,6 +262,18 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
         rows.append(measured(f"token mean, {per_sm} programs per SM",
                              lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]))
     fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM = default
+    # rows per tile, both forwards
+    default = fused_rmsnorm.FORWARD_ROWS
+    for tile in (1, 2, 4):
+        fused_rmsnorm.FORWARD_ROWS = tile
+        rows.append(measured(f"norm forward alone, {tile} rows per tile",
+                             lambda: fused_rms_norm_with_residual(x, w, 1e-5)[0]))
+        rows.append(measured(f"norm forward with the token mean, {tile} rows per tile",
+                             lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]))
+        y_plain = fused_rms_norm_with_residual(x, w, 1e-5)[0]
+        rows[-1]["y_bitwise_plain"] = torch.equal(
+            fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[0], y_plain)
+    fused_rmsnorm.FORWARD_ROWS = default
     return rows
 
 
@@ -325,6 +343,51 @@ def norm_loss_cases(tokens: int, hidden: int, vocab: int, iters: int) -> list[di
     return rows
 
 
+def selection_cases(baseline: Path | None, iters: int) -> list[dict]:
+    """One selection kernel call per block at each shape and rate (see the docstring)."""
+    import importlib.util
+
+    from megatron_sat import fused_selection
+    from megatron_sat.selection import select
+    variants = {"Triton (this tree)": fused_selection}
+    if baseline is not None:
+        spec = importlib.util.spec_from_file_location("baseline_fused_selection", baseline)
+        variants[f"Triton ({baseline.name})"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(variants[f"Triton ({baseline.name})"])
+    rows = []
+    for shape, ffn, groups, qpg in (("tinyllama", 5632, 4, 8), ("llama2-7b", 11008, 32, 1)):
+        channel_scores = torch.randn(ffn, device="cuda").bfloat16()
+        qkv_scores = torch.randn(groups * (qpg + 2) * 128, device="cuda").bfloat16()
+        for r in (0.25, 0.5, 0.75):
+            keep_channels = kept_channels(ffn, r)
+            by_groups = qpg == 1  # MHA: whole heads (groups of one)
+            keep_heads = kept_count(groups if by_groups else qpg, r)
+            calls = {name: {
+                "mlp": lambda m=m: m.select(channel_scores, keep_channels, "sampling", 0.05,
+                                            "standard", 7, ffn),
+                "attention": lambda m=m: m.select_heads(qkv_scores, groups, qpg, 128,
+                                                        keep_heads, by_groups, "sampling",
+                                                        0.05, "standard", 7)}
+                for name, m in variants.items()}
+            calls["torch"] = {"mlp": lambda: select(channel_scores, keep_channels, "sampling",
+                                                    0.05, "standard", 7, ffn)}
+            for name, blocks in calls.items():
+                for block, fn in blocks.items():
+                    t0 = time.perf_counter()
+                    out = fn()
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    ref = calls["Triton (this tree)"][block]()
+                    rows.append({
+                        "kernel": "selection", "variant": name, "rate": r,
+                        "role": f"{shape} {block}", "first_call_s": first,
+                        "median_ms": cuda_ms(fn, iters), "gpu_ms": gpu_ms(fn, iters),
+                        "same_as_this_tree": (None if name == "torch" else all(
+                            torch.equal(a, b) for a, b in zip(out, ref)) if block ==
+                            "attention" else torch.equal(out, ref))})
+    return rows
+
+
 CASES = {
     "swiglu": lambda a: swiglu_cases(a.tokens, a.ffn, a.iters),
     "rope": lambda a: rope_cases(2048, a.tokens // 2048, 4, 8, a.iters),
@@ -332,6 +395,7 @@ CASES = {
     "scatter": lambda a: scatter_cases(),
     "statistic": lambda a: statistic_cases(a.tokens, 2048),
     "norm_loss": lambda a: norm_loss_cases(a.tokens, 2048, 32000, a.iters),
+    "selection": lambda a: selection_cases(a.selection_baseline, a.iters),
 }
 
 
@@ -341,6 +405,8 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--selection-baseline", type=Path,
+                   help="another fused_selection.py to time against this tree's")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     megatron_fixes.apply()

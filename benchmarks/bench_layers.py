@@ -1,7 +1,10 @@
 """Layer-level benchmark: SAT MLP / attention vs dense, and vs a dense layer of the kept size.
 
 One GPU, bf16, forward + backward including selection, with megatron-style ``main_grad``
-buffers attached (as under megatron's DDP). For each block and rate it reports the time of
+buffers attached (as under megatron's DDP). A "layer" is the block with the RMSNorm before
+it and the residual add after it, as in a transformer layer: for SAT the norm computes the
+maxip token mean in its own pass and offers it to the block (``megatron_sat.norm``),
+as it does in training. For each block and rate it reports the time of
 
 * ``dense``: the stock layer (SAT at r = 0 runs megatron-core's own code),
 * ``sat``: the SAT layer at rate r, with the Triton selection kernels (``*_torch_selection``:
@@ -12,9 +15,11 @@ the GPU kernel time of the SAT and kept layers (``sat_gpu_ms``, ``kept_gpu_ms``:
 layer costs when the host runs ahead of the GPU, as it does in a whole training step; a
 small layer's wall time is the host's), the time of selection alone (scores + sampling,
 run back to back: ``selection_ms``, which measures the host's launch latency, as
-selection's kernels are tiny) and selection's GPU kernel time (``selection_gpu_ms``), the
-ratios dense/sat (speedup), kept/sat (how close to ideal, by wall and by GPU time) and
-selection/sat, plus a torch.profiler table of the SAT layer's top kernels. Writes JSON.
+selection's kernels are tiny) and selection's GPU kernel time (``selection_gpu_ms``: the
+norm's extra time for the token mean, the scores and the sampling kernel), the ratios
+dense/sat (speedup), kept/sat (how close to ideal, by wall and by GPU time) and
+selection/sat (``selection_gpu_share`` over the SAT layer's GPU time), plus a
+torch.profiler table of the SAT layer's top kernels. Writes JSON.
 
     python benchmarks/bench_layers.py --out results/layers.json
 """
@@ -48,6 +53,8 @@ def setup():
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     ps.initialize_model_parallel(1)
     model_parallel_cuda_manual_seed(0)
+    from megatron_sat import torch_fusions
+    torch_fusions.apply()  # the Triton norm, SwiGLU and the rest, as pretrain_sat.py has them
 
 
 def config(heads, groups, ffn):
@@ -56,7 +63,7 @@ def config(heads, groups, ffn):
         num_layers=1, hidden_size=SHAPE["hidden"], num_attention_heads=heads,
         num_query_groups=groups, kv_channels=SHAPE["hidden"] // SHAPE["heads"],
         ffn_hidden_size=ffn, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, bias_activation_fusion=True, bf16=True,
+        add_bias_linear=False, bias_activation_fusion=True, bf16=True, normalization="RMSNorm",
         params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
         gradient_accumulation_fusion=False)
 
@@ -94,9 +101,23 @@ def build(block, rate, heads=None, groups=None, ffn=None, kernel="auto", selecti
     return m
 
 
+def pre_norm(m):
+    """The RMSNorm before block ``m``, made ``m``'s token-mean sink as in
+    ``SATTransformerLayer``: it returns (output, residual)."""
+    from megatron_sat.norm import TorchNorm
+    norm = TorchNorm(m.config, SHAPE["hidden"], residual_output=True).cuda().bfloat16()
+    norm.token_mean_sink = m.sat
+    return norm
+
+
+def hidden(requires_grad=True):
+    return torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
+                       dtype=torch.bfloat16, requires_grad=requires_grad)
+
+
 def step_fn(m, block):
-    x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
-                    dtype=torch.bfloat16, requires_grad=True)
+    """Forward + backward of one layer: norm, block, residual add."""
+    norm, x = pre_norm(m), hidden()
     gy = torch.randn_like(x)
     it = [0]
 
@@ -104,21 +125,32 @@ def step_fn(m, block):
         from megatron_sat import runtime
         runtime.set_iteration(it[0])
         it[0] += 1
-        y, _ = m(x) if block == "mlp" else m(x, None)
-        y.backward(gy)
-        for p in m.parameters():
+        y, residual = norm(x)
+        out, _ = m(y) if block == "mlp" else m(y, None)
+        (out + residual).backward(gy)
+        for p in [*m.parameters(), *norm.parameters()]:
             p.grad = None
     return step
 
 
+def norm_fn(token_mean: bool):
+    """The RMSNorm's forward alone, with or without the token mean (its difference is what
+    the statistic costs a SAT layer)."""
+    from megatron_sat import norm
+    x, w = hidden(), torch.ones(SHAPE["hidden"], device="cuda", dtype=torch.bfloat16)
+    return lambda: norm.RMS_NORM_WITH_RESIDUAL(x, (SHAPE["hidden"],), w, 1e-5,
+                                                token_mean=token_mean)
+
+
 def selection_fn(m, block, rate):
-    """Selection alone, as the SAT layer runs it: the Eq. 5 statistic and scores, then
-    (Gumbel-)top-k, and the kept rows and columns of the layers."""
-    x = torch.randn(SHAPE["seq"], SHAPE["batch"], SHAPE["hidden"], device="cuda",
-                    dtype=torch.bfloat16)
+    """Selection alone, as the SAT layer runs it after its norm offered the token mean:
+    the Eq. 5 scores, then (Gumbel-)top-k, and the kept rows and columns of the layers."""
+    x = hidden(requires_grad=False)
+    mean = x.float().mean(dim=(0, 1))
 
     @torch.no_grad()
     def step():
+        m.sat.offer_token_mean(x, mean)
         if block == "mlp":
             shift = m.ffn_local if m.config.gated_linear_unit else None
             m.sat.pick(m.channel_scores(x), m.kept(m.ffn_local, rate), 0, shift)
@@ -182,6 +214,8 @@ def main():
     SHAPE.update(batch=a.batch, seq=a.seq)
     setup()
     results, tables = [], {}
+    # what the token mean adds to the norm before a SAT block (part of selection's cost)
+    statistic_gpu_ms = gpu_ms(norm_fn(True)) - gpu_ms(norm_fn(False))
     for block in ("mlp", "attention"):
         dense_ms = timed(step_fn(build(block, 0.0), block))
         for r in a.rates:
@@ -198,7 +232,7 @@ def main():
             for kernel, m in sat_m.items():
                 tag = "" if kernel == "auto" else "_torch_selection"
                 sel_ms = timed(selection_fn(m, block, r))
-                sel_gpu_ms = gpu_ms(selection_fn(m, block, r))
+                sel_gpu_ms = statistic_gpu_ms + gpu_ms(selection_fn(m, block, r))
                 sat_gpu_ms = gpu_ms(step_fn(m, block))
                 rec.update({f"sat_ms{tag}": sat_ms[kernel], f"selection_ms{tag}": sel_ms,
                             f"sat_gpu_ms{tag}": sat_gpu_ms,
@@ -207,7 +241,7 @@ def main():
                             f"speedup{tag}": dense_ms / sat_ms[kernel],
                             f"sat_vs_kept{tag}": kept_ms / sat_ms[kernel],
                             f"selection_share{tag}": sel_ms / sat_ms[kernel],
-                            f"selection_gpu_share{tag}": sel_gpu_ms / sat_ms[kernel]})
+                            f"selection_gpu_share{tag}": sel_gpu_ms / sat_gpu_ms})
             rec["ideal_speedup"] = dense_ms / kept_ms
             print(json.dumps(rec))
             results.append(rec)
@@ -217,8 +251,8 @@ def main():
                 tables[block] = profile_table(step_fn(sat_m["auto"], block))
                 print(tables[block])
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"shape": SHAPE, "results": results, "profiles": tables},
-                                indent=1))
+    a.out.write_text(json.dumps({"shape": SHAPE, "statistic_gpu_ms": statistic_gpu_ms,
+                                 "results": results, "profiles": tables}, indent=1))
 
 
 if __name__ == "__main__":
