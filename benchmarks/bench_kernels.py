@@ -38,9 +38,10 @@ against :mod:`megatron_sat.fused_cross_entropy`, forward + backward at TinyLlama
 
 Selection (``selection``): the Triton selection kernels (:mod:`megatron_sat.fused_selection`)
 at TinyLlama's and Llama-2-7B's MLP and attention shapes and r = 0.25, 0.5, 0.75 (sampling
-from bf16 scores), by GPU time, against the torch path and, with ``--selection-baseline
-FILE``, against another version of ``fused_selection.py`` (e.g. ``git show
-REV:megatron_sat/fused_selection.py > FILE``), which must keep the same neurons.
+from bf16 scores), by GPU time, against the MLP's torch path and, with
+``--selection-baseline FILE``, against another version of ``fused_selection.py`` (e.g.
+``git show REV:megatron_sat/fused_selection.py > FILE``), which must keep the same neurons.
+A variant's first call compiles it only at the first shape and rate that needs it.
 
     python benchmarks/bench_kernels.py --out kernels.json
 """
@@ -355,9 +356,10 @@ def selection_cases(baseline: Path | None, iters: int) -> list[dict]:
         variants[f"Triton ({baseline.name})"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(variants[f"Triton ({baseline.name})"])
     rows = []
-    for shape, ffn, groups, qpg in (("tinyllama", 5632, 4, 8), ("llama2-7b", 11008, 32, 1)):
+    for shape, ffn, groups, qpg, head_dim in (("tinyllama", 5632, 4, 8, 64),
+                                              ("llama2-7b", 11008, 32, 1, 128)):
         channel_scores = torch.randn(ffn, device="cuda").bfloat16()
-        qkv_scores = torch.randn(groups * (qpg + 2) * 128, device="cuda").bfloat16()
+        qkv_scores = torch.randn(groups * (qpg + 2) * head_dim, device="cuda").bfloat16()
         for r in (0.25, 0.5, 0.75):
             keep_channels = kept_channels(ffn, r)
             by_groups = qpg == 1  # MHA: whole heads (groups of one)
@@ -365,7 +367,7 @@ def selection_cases(baseline: Path | None, iters: int) -> list[dict]:
             calls = {name: {
                 "mlp": lambda m=m: m.select(channel_scores, keep_channels, "sampling", 0.05,
                                             "standard", 7, ffn),
-                "attention": lambda m=m: m.select_heads(qkv_scores, groups, qpg, 128,
+                "attention": lambda m=m: m.select_heads(qkv_scores, groups, qpg, head_dim,
                                                         keep_heads, by_groups, "sampling",
                                                         0.05, "standard", 7)}
                 for name, m in variants.items()}

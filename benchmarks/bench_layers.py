@@ -146,7 +146,7 @@ def selection_fn(m, block, rate):
     """Selection alone, as the SAT layer runs it after its norm offered the token mean:
     the Eq. 5 scores, then (Gumbel-)top-k, and the kept rows and columns of the layers."""
     x = hidden(requires_grad=False)
-    mean = x.float().mean(dim=(0, 1))
+    mean = x.float().mean(dim=(0, 1)).to(x.dtype)  # the norm offers it in x's dtype
 
     @torch.no_grad()
     def step():

@@ -25,8 +25,8 @@ the backward kernel adds to dx in the same pass (see :mod:`megatron_sat.norm`).
 **The token mean of y** (``token_mean=True``): maxip (Eq. 5) scores a SAT block's neurons
 with the mean of its input over the tokens, and that input is this norm's output. The
 forward then gives each program a run of rows (16 programs per SM, two rows per step),
-adding up the rows of y as stored, over the row count, in fp32 registers; torch adds the per-program sums and
-the mean is rounded once to y's dtype. That saves the SAT block a second read of y
+adding up the rows of y as stored, over the row count, in fp32 registers; torch adds the
+per-program sums and the mean is rounded once to y's dtype. That saves the SAT block a second read of y
 (a GEMV, 2.4 ms of the TinyLlama step at micro-batch 16 on an H100).
 """
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_HIDDEN = 16384  # one row per program step; wider rows go to torch
+MAX_HIDDEN = 16384  # the widest row the kernels take; wider rows go to torch
 BACKWARD_PROGRAMS_PER_SM = 4  # each over a run of rows, enough to hide memory latency
 # the forward with the token mean: programs per SM, each over a run of rows
 # (benchmarks/bench_kernels.py --cases statistic). Its warps stay the plain forward's: the
@@ -49,7 +49,8 @@ TOKEN_MEAN_PROGRAMS_PER_SM = 16
 # rows the forward normalises per step, as one tile, in both variants (a row's place in
 # the tile is then the same in each, and so is the order of its sum of squares). Two rows
 # per step give the token-mean forward two loads in flight: 0.129 -> 0.113 ms at 32k x 2048
-# on an H100, the plain forward unchanged at 0.090 (bench_kernels.py --cases statistic)
+# on an H100, the plain forward unchanged at 0.090 (bench_kernels.py --cases statistic).
+# A tile holds at most MAX_HIDDEN values (one row at the widest), so wide rows take fewer.
 FORWARD_ROWS = 2
 
 
@@ -133,17 +134,16 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool
     rows = x.numel() // n
     y = torch.empty_like(x)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-    # one tile of FORWARD_ROWS rows per program; with the column sums each program takes a
+    # one tile of rows per program; with the column sums each program takes a
     # run of tiles, and there are enough programs (16 per SM) to hide the memory latency
     # without atomics: the partial sums, a few thousand rows of n, are then added up by torch
-    rows_per_program, programs = (_row_runs(rows, TOKEN_MEAN_PROGRAMS_PER_SM, x.device,
-                                            FORWARD_ROWS)
-                                  if token_mean else (FORWARD_ROWS,
-                                                      triton.cdiv(rows, FORWARD_ROWS)))
+    tile = max(1, min(FORWARD_ROWS, MAX_HIDDEN // _block(n)))
+    rows_per_program, programs = (_row_runs(rows, TOKEN_MEAN_PROGRAMS_PER_SM, x.device, tile)
+                                  if token_mean else (tile, triton.cdiv(rows, tile)))
     sums = (torch.empty(programs, n, device=x.device, dtype=torch.float32) if token_mean
             else rstd)
     _rms_norm_forward[(programs,)](x, weight, y, rstd, sums, rows, n, eps, 1.0 / rows,
-                                   rows_per_program, BLOCK=_block(n), ROWS=FORWARD_ROWS,
+                                   rows_per_program, BLOCK=_block(n), ROWS=tile,
                                    COLUMN_SUMS=token_mean, num_warps=_warps(n))
     if not token_mean:
         return y, rstd, None

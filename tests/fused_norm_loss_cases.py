@@ -142,9 +142,10 @@ LOSS_CASES = [((4, 3), 100, False), ((6,), 5000, True), ((2, 2), 4096, True)]
 if __name__ == "__main__":
     record = {"norm": norm_records(NORM_SHAPES), "loss": loss_records(LOSS_CASES),
               "norm_residual": norm_records(NORM_SHAPES[:2], residual=True),
-              # 37 rows: 16 programs of 3 rows in the interpreter, the last one short
-              "norm_token_mean": norm_records(NORM_SHAPES + [(37, 40)], residual=True,
-                                              token_mean=True),
+              # 37 rows: 10 programs of 4 rows (two tiles of two) in the interpreter,
+              # the last one a single row; rows over MAX_HIDDEN / 2 wide: tiles of one
+              "norm_token_mean": norm_records(NORM_SHAPES + [(37, 40), (3, 9000)],
+                                              residual=True, token_mean=True),
               "tp": tensor_parallel_records()}
     with open(sys.argv[1], "w") as f:
         json.dump(record, f)

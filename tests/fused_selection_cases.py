@@ -116,13 +116,13 @@ def run_cases(device="cpu", dtype=torch.float32, large=False) -> list[dict]:
                                device=device))
     out.append(select_case(40, 13, "sampling", "standard", rows=3, dtype=dtype, device=device))
     out.append(select_case(40, 13, "topk", "raw", rows=3, shift=40, dtype=dtype, device=device))
-    # keys that agree in their top bytes (one exponent, neighbouring mantissas, both
-    # signs): the radix select decides them in its last passes
+    # distinct keys that agree in their top bits (one exponent, every bf16 mantissa, both
+    # signs): the search decides them in its last passes
     g = torch.Generator().manual_seed(5)
-    close = (1 + torch.arange(300) * 2**-22)[torch.randperm(300, generator=g)]
-    out.append(select_case(300, 77, "topk", "raw", device=device, dtype=dtype, scores=close))
-    out.append(select_case(300, 211, "topk", "raw", device=device, dtype=dtype,
-                           scores=torch.cat([close[:150], -close[150:]])))
+    close = (1 + torch.arange(128) * 2**-7)[torch.randperm(128, generator=g)]
+    out.append(select_case(128, 37, "topk", "raw", device=device, dtype=dtype, scores=close))
+    out.append(select_case(128, 91, "topk", "raw", device=device, dtype=dtype,
+                           scores=torch.cat([close[:64], -close[64:]])))
     # uniform metric: all scores equal, so the keys are the noise alone (std clamps to tiny)
     out.append(select_case(64, 20, "sampling", "standard", device=device, dtype=dtype,
                            scores=torch.ones(64)))

@@ -53,9 +53,10 @@ def test_rmsnorm_with_residual_adds_the_residual_gradient_in_its_backward(interp
 def test_rmsnorm_token_mean_in_the_forward_pass(interpreted):
     """With ``token_mean`` the forward also returns y's mean over the rows (maxip's input
     statistic, Eq. 5), from per-program sums: rows that do not fill the programs evenly,
-    hidden sizes that are not powers of two; y and both gradients are unchanged."""
+    hidden sizes that are not powers of two, rows so wide that a tile holds one; y and
+    both gradients are unchanged."""
     records = interpreted["norm_token_mean"]
-    assert len(records) == 5
+    assert len(records) == 6
     for r in records:
         assert r["mean_dtype_kept"] and r["y_unchanged"] and r["r_is_x"], r
         assert r["mean"]["shape"] == [int(r["case"].split("]")[0].split(",")[-1])], r
