@@ -373,20 +373,21 @@ def selection_cases(baseline: Path | None, iters: int) -> list[dict]:
                 for name, m in variants.items()}
             calls["torch"] = {"mlp": lambda: select(channel_scores, keep_channels, "sampling",
                                                     0.05, "standard", 7, ffn)}
+            ref = {}  # this tree's outputs: its variant runs first
             for name, blocks in calls.items():
                 for block, fn in blocks.items():
                     t0 = time.perf_counter()
                     out = fn()
                     torch.cuda.synchronize()
                     first = time.perf_counter() - t0
-                    ref = calls["Triton (this tree)"][block]()
+                    ref.setdefault(block, out)
                     rows.append({
                         "kernel": "selection", "variant": name, "rate": r,
                         "role": f"{shape} {block}", "first_call_s": first,
                         "median_ms": cuda_ms(fn, iters), "gpu_ms": gpu_ms(fn, iters),
                         "same_as_this_tree": (None if name == "torch" else all(
-                            torch.equal(a, b) for a, b in zip(out, ref)) if block ==
-                            "attention" else torch.equal(out, ref))})
+                            torch.equal(a, b) for a, b in zip(out, ref[block])) if block ==
+                            "attention" else torch.equal(out, ref[block]))})
     return rows
 
 

@@ -26,8 +26,8 @@ the backward kernel adds to dx in the same pass (see :mod:`megatron_sat.norm`).
 with the mean of its input over the tokens, and that input is this norm's output. The
 forward then gives each program a run of rows (16 programs per SM, two rows per step),
 adding up the rows of y as stored, over the row count, in fp32 registers; torch adds the
-per-program sums and the mean is rounded once to y's dtype. That saves the SAT block a second read of y
-(a GEMV, 2.4 ms of the TinyLlama step at micro-batch 16 on an H100).
+per-program sums and the mean is rounded once to y's dtype. That saves the SAT block a
+second read of y (a GEMV, 2.4 ms of the TinyLlama step at micro-batch 16 on an H100).
 """
 
 from __future__ import annotations
