@@ -35,6 +35,8 @@ rate shrinks: torch's ``F.rms_norm`` against megatron-sat's Triton kernels
 megatron-core's ``--cross-entropy-fusion-impl native`` and torch's ``F.cross_entropy``
 against :mod:`megatron_sat.fused_cross_entropy`, forward + backward at TinyLlama's
 16 x 2048 tokens (hidden 2048, vocabulary 32000); errors against float32 references.
+``--hidden`` sets the norms' row width (the ``statistic`` and ``norm_loss`` cases): 4096 is
+Llama-2-7B's, 8192 the widest row that still takes two-row forward tiles.
 
 Selection (``selection``): the Triton selection kernels (:mod:`megatron_sat.fused_selection`)
 at TinyLlama's and Llama-2-7B's MLP and attention shapes and r = 0.25, 0.5, 0.75 (sampling
@@ -396,8 +398,8 @@ CASES = {
     "rope": lambda a: rope_cases(2048, a.tokens // 2048, 4, 8, a.iters),
     "wgrad": lambda a: wgrad_cases(a.tokens, 2048, a.ffn, a.iters),
     "scatter": lambda a: scatter_cases(),
-    "statistic": lambda a: statistic_cases(a.tokens, 2048),
-    "norm_loss": lambda a: norm_loss_cases(a.tokens, 2048, 32000, a.iters),
+    "statistic": lambda a: statistic_cases(a.tokens, a.hidden),
+    "norm_loss": lambda a: norm_loss_cases(a.tokens, a.hidden, 32000, a.iters),
     "selection": lambda a: selection_cases(a.selection_baseline, a.iters),
 }
 
@@ -406,6 +408,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16 * 2048)
     p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--hidden", type=int, default=2048,
+                   help="row width of the norm cases (statistic, norm_loss)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--selection-baseline", type=Path,
@@ -428,7 +432,7 @@ def main() -> None:
         print(f"{key:55s} all cases: first calls {s['compile_s']:.1f} s, sum of medians "
               f"{s['median_ms']:.2f} ms, of GPU times {s['gpu_ms']:.2f} ms")
     a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                 "tokens": a.tokens, "rows": rows, "summary": summary},
+                                 "tokens": a.tokens, "hidden": a.hidden, "rows": rows, "summary": summary},
                                 indent=1))
 
 

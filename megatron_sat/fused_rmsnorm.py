@@ -48,10 +48,16 @@ BACKWARD_PROGRAMS_PER_SM = 4  # each over a run of rows, enough to hide memory l
 TOKEN_MEAN_PROGRAMS_PER_SM = 16
 # rows the forward normalises per step, as one tile, in both variants (a row's place in
 # the tile is then the same in each, and so is the order of its sum of squares). Two rows
-# per step give the token-mean forward two loads in flight: 0.129 -> 0.113 ms at 32k x 2048
-# on an H100, the plain forward unchanged at 0.090 (bench_kernels.py --cases statistic).
-# A tile holds at most MAX_HIDDEN values (one row at the widest), so wide rows take fewer.
+# per step give the token-mean forward two loads in flight. On an H100 at 32k rows
+# (bench_kernels.py --cases statistic --hidden N), one row -> two rows per step:
+#   hidden 2048: token mean 0.129 -> 0.113 ms, plain 0.090 -> 0.091 ms
+#   hidden 4096: token mean 0.263 -> 0.222 ms, plain 0.184 -> 0.191 ms
+#   hidden 8192: token mean 0.565 -> 0.461 ms, plain 0.355 -> 0.408 ms
+# The plain forward runs far more often (dense iterations, the micro-batches that reuse a
+# selection, the final norm), so a tile holds at most FORWARD_TILE_VALUES values: two rows
+# up to hidden 4096, one row above.
 FORWARD_ROWS = 2
+FORWARD_TILE_VALUES = 8192
 
 
 @triton.jit
@@ -137,7 +143,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool
     # one tile of rows per program; with the column sums each program takes a
     # run of tiles, and there are enough programs (16 per SM) to hide the memory latency
     # without atomics: the partial sums, a few thousand rows of n, are then added up by torch
-    tile = max(1, min(FORWARD_ROWS, MAX_HIDDEN // _block(n)))
+    tile = max(1, min(FORWARD_ROWS, FORWARD_TILE_VALUES // _block(n)))
     rows_per_program, programs = (_row_runs(rows, TOKEN_MEAN_PROGRAMS_PER_SM, x.device, tile)
                                   if token_mean else (tile, triton.cdiv(rows, tile)))
     sums = (torch.empty(programs, n, device=x.device, dtype=torch.float32) if token_mean

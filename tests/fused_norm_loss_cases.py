@@ -143,8 +143,9 @@ if __name__ == "__main__":
     record = {"norm": norm_records(NORM_SHAPES), "loss": loss_records(LOSS_CASES),
               "norm_residual": norm_records(NORM_SHAPES[:2], residual=True),
               # 37 rows: 10 programs of 4 rows (two tiles of two) in the interpreter,
-              # the last one a single row; rows over MAX_HIDDEN / 2 wide: tiles of one
-              "norm_token_mean": norm_records(NORM_SHAPES + [(37, 40), (3, 9000)],
+              # the last one a single row; rows over FORWARD_TILE_VALUES / 2 wide
+              # (5000: a block of 8192) take tiles of one
+              "norm_token_mean": norm_records(NORM_SHAPES + [(37, 40), (3, 5000)],
                                               residual=True, token_mean=True),
               "tp": tensor_parallel_records()}
     with open(sys.argv[1], "w") as f:
