@@ -10,7 +10,9 @@ from megatron's log line, never assumed.
 
 For each phase it reports the median iteration time, tokens/s, model TFLOP/s and MFU
 (megatron_sat.flops, 989 TFLOP/s peak), and the SAT/dense ratio next to the ideal ratio
-(dense FLOPs over SAT FLOPs, everything that does not shrink included). With
+(dense FLOPs over SAT FLOPs, everything that does not shrink included), and each phase's
+peak allocated memory: the largest peak of its blocks, which ``alternating_rate.py``
+measures block by block. With
 ``--profile`` megatron's torch profiler records the last two SAT and the first two dense
 iterations of the second cycle, and ``profile_summary.py`` turns the trace into a table of
 where the GPU time goes.
@@ -98,7 +100,19 @@ def shape_of(s: dict) -> ModelShape:
 
 _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)"
                    r".*?lm loss: ([\d.E+-]+).*?sat omission rate: ([\d.E+-]+)")
-_MEM = re.compile(r"max allocated: ([\d.]+)")
+_BLOCK_PEAK = re.compile(r"\[bench\] block (\d+) rate ([\d.]+) peak allocated ([\d.]+) MB")
+
+
+def phase_peaks(log: str, rate: float) -> tuple[list[dict], dict[str, float | None]]:
+    """Each block's peak allocated memory (``alternating_rate.py``'s lines), and the
+    largest of each phase in GiB: r's blocks ("sat") and the dense ones."""
+    blocks = [{"block": int(b), "rate": float(r), "peak_allocated_mb": float(mb)}
+              for b, r, mb in _BLOCK_PEAK.findall(log)]
+    peaks = {}
+    for name, phase_rate in (("sat", rate), ("dense", 0.0)):
+        mbs = [b["peak_allocated_mb"] for b in blocks if abs(b["rate"] - phase_rate) < 1e-9]
+        peaks[name] = max(mbs) / 1024 if mbs else None
+    return blocks, peaks
 
 
 def timed_iterations(rates: dict[int, float], first: int, interval: int = 1) -> list[int]:
@@ -164,6 +178,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
                         "model_tflops_per_s": flops / (ms / 1e3) / 1e12,
                         "mfu": flops / (ms / 1e3) / 1e12 / PEAK_TFLOPS}
     dense_flops = step_flops(shape, tokens, 0.0)
+    blocks, peaks = phase_peaks(log, a.rate)
     sat, dense = phases["sat"], phases["dense"]
     if sat:
         sat["dense_equivalent_tflops_per_s"] = dense_flops / (sat["median_ms"] / 1e3) / 1e12
@@ -175,7 +190,7 @@ def run_case(a, s: dict, log_dir: Path) -> dict:
               "speedup": dense["median_ms"] / sat["median_ms"] if sat and dense else None,
               "ideal_speedup": dense_flops / step_flops(shape, tokens, a.rate,
                                                         gqa_mode=a.gqa_mode),
-              "max_allocated_mb": [float(m) for m in _MEM.findall(log)][:3],
+              "peak_allocated_gib": peaks, "block_peaks": blocks,
               "iterations": [{"iteration": i, "ms": ms, "loss": loss, "rate": r}
                              for i, ms, loss, r in rows],
               "wall_s": time.time() - t0}
@@ -236,7 +251,9 @@ def main() -> None:
           f"MFU {dense['mfu']:.1%} | SAT r={a.rate} {sat['median_ms']:.1f} ms "
           f"{sat['tokens_per_s']:,.0f} tok/s | speedup {r['speedup']:.3f} "
           f"(ideal {r['ideal_speedup']:.3f}: {r['speedup'] / r['ideal_speedup']:.1%} of it, "
-          f"{r['fraction_of_ideal']:.0%} of the ideal gain)")
+          f"{r['fraction_of_ideal']:.0%} of the ideal gain) | peak allocated: "
+          + ", ".join(f"{k} {v:.2f} GiB" for k, v in r["peak_allocated_gib"].items()
+                      if v is not None))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from megatron_sat.config import SATConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_lors  # noqa: E402
-from bench_step import timed_iterations  # noqa: E402
+from bench_step import phase_peaks, timed_iterations  # noqa: E402
 from profile_summary import (_enclosing_ops, _gaps, _idle_by_op, _idle_by_pass,  # noqa: E402
                              _timeline, phase_of, summarize)
 
@@ -101,6 +101,38 @@ def test_alternating_rate_flips_every_block(monkeypatch):
     assert module.alternating_rate(SATConfig(omission_rate=0.0), 0) == 0.0
     assert megatron_sat.block.omission_rate_at is module.alternating_rate
     assert pretrain_sat.omission_rate_at is module.alternating_rate
+
+
+def test_each_block_reports_its_own_peak_memory(monkeypatch, capsys):
+    """A block's peak is printed when the next block starts and then reset, so a dense
+    block's peak is not the SAT block's before it (megatron's cumulative report was)."""
+    import megatron_sat.block
+    import pretrain_sat
+
+    for mod in (megatron_sat.block, pretrain_sat):
+        monkeypatch.setattr(mod, "omission_rate_at", mod.omission_rate_at)
+    monkeypatch.delitem(sys.modules, "alternating_rate", raising=False)
+    monkeypatch.setenv("SAT_BENCH_BLOCK", "2")
+    module = importlib.import_module("alternating_rate")
+    monkeypatch.delitem(sys.modules, "alternating_rate")
+    peak = {"mb": 0.0}
+    torch = module.torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["mb"] * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.update(mb=0.0))
+    cfg = SATConfig(omission_rate=0.5)
+    # iteration -> the peak it reaches; the rate is read several times per iteration
+    for iteration, mb in enumerate([100.0, 120.0, 300.0, 250.0, 110.0]):
+        for _ in range(3):
+            module.alternating_rate(cfg, iteration)
+        peak["mb"] = max(peak["mb"], mb)
+    module.report_block_peak()  # what atexit does
+    log = capsys.readouterr().out
+    blocks, peaks = phase_peaks(log, 0.5)
+    assert [(b["block"], b["rate"], b["peak_allocated_mb"]) for b in blocks] == [
+        (0, 0.5, 120.0), (1, 0.0, 300.0), (2, 0.5, 110.0)]
+    assert peaks == {"sat": 120.0 / 1024, "dense": 300.0 / 1024}
+    assert phase_peaks("", 0.5)[1] == {"sat": None, "dense": None}
 
 
 def test_enclosing_ops_are_nested_outermost_first():
