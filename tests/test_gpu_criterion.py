@@ -73,3 +73,34 @@ def test_wrong_omission_rates_fail():
                 check.run: _outcome(check.run, dense=True)}  # logs r = 0 throughout
     result = multi_gpu.compare(check, outcomes, S)
     assert not result["passed"] and "differ from LORS" in result["message"]
+
+
+def test_the_overlapped_param_gather_is_judged_against_the_same_layout_without_it(tmp_path):
+    """The overlap launch passes megatron's two overlap flags and is compared with 1 GPU and
+    with its twin without them; a selection drawn on weights still being gathered (a
+    changed loss from iteration 2) fails."""
+    launch = multi_gpu.BY_NAME["dp2-distopt-overlap"]
+    args = multi_gpu.correctness_args(launch, S, tmp_path)
+    twin = multi_gpu.correctness_args(multi_gpu.BY_NAME["dp2-distopt"], S, tmp_path)
+    assert {"--overlap-grad-reduce", "--overlap-param-gather",
+            "--use-distributed-optimizer"} <= set(args)
+    assert multi_gpu._last(args, "--ddp-bucket-size") == "1000"  # a bucket per weight
+    assert not {"--overlap-grad-reduce", "--overlap-param-gather"} & set(twin)
+    name = "dp2-distopt-overlap vs dp2-distopt"
+    assert CHECKS[name].reference == "dp2-distopt" and "dp2-distopt-overlap vs 1 GPU" in CHECKS
+    assert CHECKS["dp2-distopt-overlap-bf16 vs dp2-distopt-bf16"].reference == "dp2-distopt-bf16"
+    assert _judge(name, {})["passed"]
+    assert not _judge(name, {2: 1e-4})["passed"]
+
+
+def test_layouts_draw_per_micro_batch_unless_checked_in_the_iteration_scope(tmp_path):
+    """A DP rank scores its own first micro-batch in the iteration scope, so DP layouts are
+    compared per micro-batch; the iteration configs run only TP and PP layouts."""
+    for launch in multi_gpu.LAUNCHES:
+        scope = multi_gpu._last(multi_gpu.correctness_args(launch, S, tmp_path),
+                                "--sat-selection-scope")
+        assert scope == ("iteration" if launch.config.startswith("iteration") else
+                         "microbatch"), launch.name
+        assert not (scope == "iteration" and launch.dp > 1), launch.name
+    layouts = {(l.tp, l.pp) for l in multi_gpu.LAUNCHES if l.config.startswith("iteration")}
+    assert layouts == {(1, 1), (2, 1), (1, 2)}

@@ -208,11 +208,19 @@ def _lors(s: Sizes) -> SATConfig:
                      train_iters=s.iters).validate()
 
 
+# Every launch draws per micro-batch unless its config says otherwise: the scope in which
+# each layout has an exact 1-GPU equivalent. With one selection per iteration (the
+# default of pretrain_sat.py) a data-parallel rank scores its own first micro-batch and a
+# single GPU the iteration's first, so DP layouts choose otherwise by design; TP and PP
+# ranks see the same micro-batches, so the "iteration-*" configs check them in that scope.
 CONFIGS = {
     "sampling": ["--sat-selection", "sampling"],
     "topk": ["--sat-selection", "topk"],
     "attention-topk": ["--sat-selection", "topk", "--sat-modules", "attention"],
     "uniform": ["--sat-metric", "uniform"],  # random neurons: the control
+    "iteration-sampling": ["--sat-selection", "sampling", "--sat-selection-scope", "iteration"],
+    "iteration-attention-topk": ["--sat-selection", "topk", "--sat-modules", "attention",
+                                 "--sat-selection-scope", "iteration"],
     "dense": ["--sat-omission-rate", "0"],  # every layout computes the same model
 }
 
@@ -228,6 +236,7 @@ class Launch:
     dp: int = 1
     sp: bool = False
     distopt: bool = False
+    overlap: bool = False  # --overlap-grad-reduce --overlap-param-gather (with distopt)
     load: tuple[str, str] | None = None  # (launch, "first"|"second" checkpoint) to start from
     save: str | None = None  # "first" | "second": write checkpoints at that interval
     precision: str = "fp32"  # "fp32" (judged) | "bf16" (reported)
@@ -246,6 +255,8 @@ FP32_LAUNCHES = [
     Launch("1gpu-dense", "dense", save="first"),
     Launch("1gpu-topk", "topk"),
     Launch("1gpu-uniform", "uniform"),
+    Launch("1gpu-iteration-sampling", "iteration-sampling", save="first"),
+    Launch("1gpu-iteration-attention-topk", "iteration-attention-topk"),
     Launch("tp2-dp2", "attention-topk", tp=2, dp=2),
     Launch("tp2-pp2", "attention-topk", tp=2, pp=2, load=("1gpu-attention-topk", "first"),
            save="second"),
@@ -253,10 +264,16 @@ FP32_LAUNCHES = [
     Launch("tp2-sp", "attention-topk", tp=2, sp=True),
     Launch("pp2", "sampling", pp=2, load=("1gpu-sampling", "first"), save="second"),
     Launch("dp2-distopt", "topk", dp=2, distopt=True),
+    # the parameter all-gather overlapped with the forward: SAT blocks score weights that
+    # megatron gathers in module pre-hooks (sparse_linear.attach_to_megatron_ddp)
+    Launch("dp2-distopt-overlap", "topk", dp=2, distopt=True, overlap=True),
     Launch("dense-tp2", "dense", tp=2, save="first"),
     Launch("dense-tp2-sp", "dense", tp=2, sp=True),
     Launch("dense-pp2", "dense", pp=2, load=("1gpu-dense", "first"), save="second"),
     Launch("dense-dp2-distopt", "dense", dp=2, distopt=True),
+    Launch("tp2-sp-iteration", "iteration-attention-topk", tp=2, sp=True),
+    Launch("pp2-iteration", "iteration-sampling", pp=2,
+           load=("1gpu-iteration-sampling", "first")),
     Launch("tp2-ckpt-at-tp1", "attention-topk", load=("tp2", "first")),
     Launch("pp2-ckpt-at-tp1", "sampling", load=("pp2", "second")),
     Launch("tp2-pp2-ckpt-at-tp1", "attention-topk", load=("tp2-pp2", "second")),
@@ -365,6 +382,11 @@ def _checks() -> list[Check]:
             # A resumed run also matches its writer, the uninterrupted run of that layout.
             checks.append(Check(f"{launch.name} vs {launch.load[0]} uninterrupted",
                                 launch.name, launch.load[0]))
+        if launch.overlap:
+            # the same layout without the overlap: a block that scored weights still being
+            # gathered (the previous step's, on other ranks' shards) would choose otherwise
+            twin = launch.name.replace("-overlap", "", 1)
+            checks.append(Check(f"{launch.name} vs {twin}", launch.name, twin))
     return checks
 
 
@@ -454,7 +476,8 @@ def correctness_args(launch: Launch, s: Sizes, work: Path) -> list[str]:
             # every layout: 8 sequences per iteration, in micro-batches of 2 (1: noise floor)
             "--micro-batch-size", str(launch.micro_batch), "--global-batch-size", "8",
             "--train-iters", str(s.iters), "--lr", s.lr, "--distributed-timeout-minutes", "5",
-            *_sat(lors.lors_start, lors.lors_ladders), *CONFIGS[launch.config],
+            *_sat(lors.lors_start, lors.lors_ladders), "--sat-selection-scope", "microbatch",
+            *CONFIGS[launch.config],
             "--tensor-model-parallel-size", str(launch.tp),
             "--pipeline-model-parallel-size", str(launch.pp),
             "--tensorboard-dir", str(work / "tensorboard" / launch.name)]
@@ -462,6 +485,10 @@ def correctness_args(launch: Launch, s: Sizes, work: Path) -> list[str]:
         args.append("--sequence-parallel")
     if launch.distopt:
         args.append("--use-distributed-optimizer")
+    if launch.overlap:
+        # buckets of one parameter each: with the whole model in one bucket the first
+        # module's pre-hook would wait for every weight, and the check could not fail
+        args += ["--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "1000"]
     if launch.save:
         args += ["--save", str(work / "checkpoints" / launch.name),
                  "--save-interval", str(_checkpoint_iteration(s, launch.save))]
