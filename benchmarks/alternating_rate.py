@@ -11,9 +11,12 @@ entry point and the sparse blocks read Eq. 11.
 Each block's peak allocated memory is printed when the next block starts (and at exit)
 as ``[bench] block K rate R peak allocated M MB``, and the peak is reset: the blocks
 share one process, so megatron's cumulative ``max allocated`` cannot tell the phases
-apart (its two reports both fall in the first block, before and after the optimizer's
-first step allocates Adam's moments). The ``[sat]`` logger's ``peak memory`` then runs
-from the start of the block, not of the run.
+apart: its two reports (after iteration 1 and at the next log line) both fall in the
+first block, and only the first one's maximum predates Adam's moments, which the first
+optimizer step allocates. The ``[sat]`` logger's ``peak memory`` then runs from the last
+reset, not from the run's start. The reset comes at the next block's first rate read,
+just before the logger closes the interval that ends the block, so that interval's line
+shows the peak since the reset, not the block's.
 
     SAT_BENCH_BLOCK=4 torchrun benchmarks/alternating_rate.py <pretrain_sat.py flags>
 """
@@ -55,7 +58,7 @@ def report_block_peak() -> None:
     if not torch.cuda.is_available():
         return
     if _block is not None:
-        print(f"[bench] block {_block[0]} rate {_block[1]:g} peak allocated "
+        print(f"[bench] block {_block[0]} rate {_block[1]:.9f} peak allocated "
               f"{torch.cuda.max_memory_allocated() / 2**20:.2f} MB", flush=True)
     torch.cuda.reset_peak_memory_stats()
 

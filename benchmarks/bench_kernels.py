@@ -36,7 +36,8 @@ megatron-core's ``--cross-entropy-fusion-impl native`` and torch's ``F.cross_ent
 against :mod:`megatron_sat.fused_cross_entropy`, forward + backward at TinyLlama's
 16 x 2048 tokens (hidden 2048, vocabulary 32000); errors against float32 references.
 ``--hidden`` sets the norms' row width (the ``statistic`` and ``norm_loss`` cases): 4096 is
-Llama-2-7B's, 8192 the widest row that still takes two-row forward tiles.
+Llama-2-7B's and the widest row whose forward takes two-row tiles by default; the tile sweep
+of ``statistic`` lifts that limit to ``MAX_HIDDEN`` values and records the tile it ran.
 
 Selection (``selection``): the Triton selection kernels (:mod:`megatron_sat.fused_selection`)
 at TinyLlama's and Llama-2-7B's MLP and attention shapes and r = 0.25, 0.5, 0.75 (sampling
@@ -265,8 +266,10 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
         rows.append(measured(f"token mean, {per_sm} programs per SM",
                              lambda: fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[2]))
     fused_rmsnorm.TOKEN_MEAN_PROGRAMS_PER_SM = default
-    # rows per tile, both forwards
-    default = fused_rmsnorm.FORWARD_ROWS
+    # rows per tile, both forwards, up to MAX_HIDDEN values per tile (the widest rows
+    # still clamp: "tile_rows" is what ran)
+    default = fused_rmsnorm.FORWARD_ROWS, fused_rmsnorm.FORWARD_TILE_VALUES
+    fused_rmsnorm.FORWARD_TILE_VALUES = fused_rmsnorm.MAX_HIDDEN
     for tile in (1, 2, 4):
         fused_rmsnorm.FORWARD_ROWS = tile
         rows.append(measured(f"norm forward alone, {tile} rows per tile",
@@ -276,7 +279,9 @@ def statistic_cases(tokens: int, hidden: int) -> list[dict]:
         y_plain = fused_rms_norm_with_residual(x, w, 1e-5)[0]
         rows[-1]["y_bitwise_plain"] = torch.equal(
             fused_rms_norm_with_residual(x, w, 1e-5, token_mean=True)[0], y_plain)
-    fused_rmsnorm.FORWARD_ROWS = default
+        for row in rows[-2:]:
+            row["tile_rows"] = fused_rmsnorm._forward_tile(hidden)
+    fused_rmsnorm.FORWARD_ROWS, fused_rmsnorm.FORWARD_TILE_VALUES = default
     return rows
 
 

@@ -125,6 +125,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _forward_tile(n: int) -> int:
+    """Rows per forward step for rows of ``n``: ``FORWARD_ROWS``, as many as fit in
+    ``FORWARD_TILE_VALUES`` values, at least one."""
+    return max(1, min(FORWARD_ROWS, FORWARD_TILE_VALUES // _block(n)))
+
+
 def _row_runs(rows: int, programs_per_sm: int, device: torch.device,
               multiple: int = 1) -> tuple[int, int]:
     """(rows per program, programs) for kernels whose programs each take a run of rows
@@ -143,7 +149,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, token_mean: bool
     # one tile of rows per program; with the column sums each program takes a
     # run of tiles, and there are enough programs (16 per SM) to hide the memory latency
     # without atomics: the partial sums, a few thousand rows of n, are then added up by torch
-    tile = max(1, min(FORWARD_ROWS, FORWARD_TILE_VALUES // _block(n)))
+    tile = _forward_tile(n)
     rows_per_program, programs = (_row_runs(rows, TOKEN_MEAN_PROGRAMS_PER_SM, x.device, tile)
                                   if token_mean else (tile, triton.cdiv(rows, tile)))
     sums = (torch.empty(programs, n, device=x.device, dtype=torch.float32) if token_mean

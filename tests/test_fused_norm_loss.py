@@ -89,6 +89,17 @@ def test_cross_entropy_rejects_mismatched_targets():
         vocab_parallel_cross_entropy(torch.zeros(4, 2, 10), torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_forward_tiles_take_two_rows_up_to_hidden_4096():
+    """The measured rule (bench_kernels.py --cases statistic --hidden N on an H100): two
+    rows per step help the token-mean forward everywhere but slow the plain one by 15% at
+    hidden 8192, so rows wider than 4096 (a block of 8192 values) take one-row tiles."""
+    pytest.importorskip("triton")
+    from megatron_sat.fused_rmsnorm import _forward_tile
+
+    assert [_forward_tile(n) for n in (40, 2048, 4096)] == [2, 2, 2]
+    assert [_forward_tile(n) for n in (4097, 5000, 8192, 16384)] == [1, 1, 1, 1]
+
+
 def test_rms_norm_dispatch_leaves_cpu_inputs_to_torch():
     """Off the GPU (and for what the kernels do not take) ``rms_norm`` is F.rms_norm, and
     ``rms_norm_with_residual`` returns F.rms_norm's output alone (no torch recomputation)."""

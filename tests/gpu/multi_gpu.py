@@ -27,7 +27,17 @@ Used by ``test_multi_gpu.py`` (pytest, marker ``gpu``) and run on a GPU host by
                             TP changes, so it stays dense)
   ``dense`` (r = 0)         the same model in every layout          TP=2, TP=2+SP, PP=2,
                                                                     DP=2, resumes
+  ``topk`` + overlap        as ``topk``; the SAT block's pre-hook   DP=2 (distributed
+  (``--overlap-grad-reduce  waits for the weights it scores; also   optimizer), a bucket
+  --overlap-param-gather``) judged against DP=2 without overlap     per weight
+  ``iteration-sampling``,   one selection per iteration: TP and PP  PP=2 (sampling),
+  ``iteration-attention-    ranks see the 1-GPU run's micro-        TP=2+SP (attention
+  topk``                    batches, so the first draws for all     top-k)
   ========================  =====================================  ====================
+
+  Every other configuration draws per micro-batch (``--sat-selection-scope microbatch``):
+  with one selection per iteration a DP rank scores its own first micro-batch, the single
+  GPU the iteration's first, so DP layouts choose otherwise by design.
 
   PP runs start from the 1-GPU run's checkpoint (megatron seeds each pipeline stage's
   initialisation differently). Checkpoints written at TP=2, PP=2 (and TP2xPP2) resume at
