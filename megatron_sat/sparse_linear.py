@@ -13,14 +13,18 @@ exactly like them unless the owning SAT block sets ``kept`` for one forward with
 communication is megatron's usual one (all-reduce, or all-gather/reduce-scatter with
 sequence parallelism), on tensors that are already narrower.
 
-A layer turns its index into a :class:`KeptSlice`: the kept slice of the weight, gathered
-once, and the slice's weight gradient. With ``--sat-selection-scope iteration`` one
-selection serves the N micro-batches of an iteration (the weights do not change within
-one), so the layer keeps its slice for all of them: one gather per iteration, released after
-the N-th backward. Where the memory allows (:meth:`KeptSlice._summing_pays`), the weight
-gradient is summed over the micro-batches in a compact fp32 buffer by the GEMMs
-themselves (``beta = 1``) and handed to ``main_grad`` once after the N-th backward; the
-buffer costs (1 - r) of the layer's weight in fp32 while the iteration runs.
+A layer turns its index into a :class:`KeptSlice`: the kept slice of the weight and the
+slice's weight gradient. Both are paid for out of one memory budget: the activations the
+layer omits, which a dense layer would keep for its backward (:meth:`KeptSlice._budget`).
+The gathered slice, (1 - r) of the weight in the compute dtype, is held from the forward
+to the backward where that budget covers it, and gathered again in the backward where not
+(at low r: the Llama-2-7B layers at r = 0.1 would otherwise peak above dense). With
+``--sat-selection-scope iteration`` one selection serves the N micro-batches of an
+iteration (the weights do not change within one), so a held slice serves all of them: one
+gather per iteration, released after the N-th backward. Where what is left of the budget
+allows, the weight gradient is summed over the micro-batches in a compact fp32 buffer by
+the GEMMs themselves (``beta = 1``) and handed to ``main_grad`` once after the N-th
+backward; the buffer costs (1 - r) of the layer's weight in fp32 while the iteration runs.
 
 Gradients: :class:`SubsetMatmul` computes the weight gradient of the kept slice only. When
 megatron's DDP gives the weight a ``main_grad`` buffer, the slice is added straight into it
@@ -58,30 +62,65 @@ class KeptSlice:
     with ``--sat-selection-scope iteration``, else 1).
 
     ``weight`` is that slice of the layer's weight (Eq. 9-10 multiply only it), gathered
-    once and released after the last backward. The slice's weight gradient goes to
-    ``main_grad`` either after every backward, or summed in a compact buffer of
+    at construction. The first forward decides whether it is held until the last backward
+    or gathered again for each pass (:meth:`forward_slice`). The slice's weight gradient
+    goes to ``main_grad`` either after every backward, or summed in a compact buffer of
     ``main_grad``'s dtype and handed over once after the last: that buffer (kept x other
-    x 4 bytes) lives while the later micro-batches run, so it is used only where this
-    layer's own omitted activations save at least as much (:meth:`_summing_pays`)."""
+    x 4 bytes) lives while the later micro-batches run. Held slice and sum are each used
+    only where this layer's own omitted activations still pay for them
+    (:meth:`_budget`)."""
 
     def __init__(self, weight: torch.Tensor, index: torch.Tensor, dim: int,
                  micro_batches: int = 1):
         self.index, self.dim, self.micro_batches = index, dim, micro_batches
         self._omitted = weight.shape[dim] - index.numel()
-        with torch.no_grad():
-            self.weight: torch.Tensor | None = weight.index_select(dim, index)
+        self.weight: torch.Tensor | None = self.gather(weight)
+        self._budget_left: int | None = None  # bytes; set by the first forward
         self._grad: torch.Tensor | None = None
         self._summing = False
         self._backwards = 0
+        self._done = False
 
     @property
     def spent(self) -> bool:
         """Whether all its backward passes ran (its weight slice is released)."""
-        return self.weight is None
+        return self._done
 
     def abandon(self) -> None:
         """Release the slice and its sum without handing it over (an abandoned iteration)."""
-        self.weight, self._grad = None, None
+        self.weight, self._grad, self._done = None, None, True
+
+    def gather(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept rows or columns of ``weight``, copied (no autograd)."""
+        with torch.no_grad():
+            return weight.index_select(self.dim, self.index)
+
+    def forward_slice(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The slice for a forward of input ``x``. The first forward decides whether the
+        slice is held for the backward passes (and later micro-batches): where this
+        layer's omitted activations at ``x``'s token count cover it. Otherwise it is
+        released after this forward and each later pass gathers its own."""
+        kept = self.weight if self.weight is not None else self.gather(weight)
+        if self._budget_left is None:
+            budget = self._budget(x.numel() // x.shape[-1], x.element_size())
+            holds = budget >= kept.numel() * kept.element_size()
+            self._budget_left = budget - (kept.numel() * kept.element_size() if holds else 0)
+            if not holds:
+                self.weight = None
+        return kept
+
+    def backward_slice(self, weight: torch.Tensor) -> torch.Tensor:
+        """The slice for a backward: the held one, or gathered again."""
+        return self.weight if self.weight is not None else self.gather(weight)
+
+    def _budget(self, tokens: int, activation_bytes: int) -> int:
+        """Bytes of the activations this layer omits in a micro-batch of ``tokens``, which
+        a dense layer would keep for its backward: a kept-rows layer's omitted outputs, a
+        kept-columns layer's omitted inputs. What SAT holds for this layer beyond them
+        would raise its peak above dense's. The slice alone fits where r >= about
+        hidden / (tokens + hidden): 0.2 for Llama-2-7B at 16k tokens per micro-batch
+        (the last LORS ladder, r = 0.1, gathers again), 0.06 for TinyLlama at 32k."""
+        return tokens * self._omitted * activation_bytes
 
     def add_gradient(self, weight: torch.Tensor, gy_t: torch.Tensor,
                      x: torch.Tensor) -> torch.Tensor | None:
@@ -91,7 +130,7 @@ class KeptSlice:
         self._backwards += 1
         last = self._backwards >= self.micro_batches
         if last:
-            self.weight = None
+            self.weight, self._done = None, True
         main_grad = getattr(weight, "main_grad", None)
         if main_grad is None:
             return torch.zeros_like(weight).index_add_(self.dim, self.index,
@@ -115,14 +154,13 @@ class KeptSlice:
         return None
 
     def _summing_pays(self, x: torch.Tensor, main_grad: torch.Tensor) -> bool:
-        """Whether the compact sum costs no more memory than the layer's own omitted
-        activations save in each micro-batch: tokens x omitted x the activation's bytes
-        (a kept-rows layer's omitted outputs, a kept-columns layer's omitted inputs, which
-        a dense block would keep for its backward) against kept x other x the sum's bytes.
-        TinyLlama at 32k tokens per micro-batch: summed at r >= 0.2, not at r = 0.1."""
+        """Whether the compact sum (kept x other x the sum's bytes) fits in what the held
+        slice left of the budget (:meth:`_budget`). TinyLlama at 32k tokens per
+        micro-batch: summed at r >= 0.2, not at r = 0.1."""
         kept_elements = self.index.numel() * main_grad.shape[1 - self.dim]
-        saved = x.shape[0] * self._omitted * x.element_size()
-        return saved >= kept_elements * main_grad.element_size()
+        left = (self._budget_left if self._budget_left is not None
+                else self._budget(x.shape[0], x.element_size()))
+        return left >= kept_elements * main_grad.element_size()
 
     def _add_to_sum(self, gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
         """``self._grad += gy_t @ x`` in ``dtype``; on a GPU fp32 accumulation by the GEMM
@@ -157,25 +195,25 @@ def _product(gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 class SubsetMatmul(torch.autograd.Function):
-    """y = x @ W_kept^T with W_kept = W.index_select(kept.dim, kept.index) = ``kept.weight``.
+    """y = x @ W_kept^T with W_kept = W.index_select(kept.dim, kept.index).
 
-    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features). W_kept is
-    saved for the backward pass rather than gathered again: it is (1 - r) of the layer's
-    weight in the compute dtype, small next to the layer's saved activations.
+    dim 0 keeps rows (output neurons), dim 1 keeps columns (input features). W_kept comes
+    from ``kept``: held from the forward where the layer's omitted activations pay for it,
+    else gathered again in the backward (:meth:`KeptSlice.forward_slice`).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kept: KeptSlice):
-        ctx.save_for_backward(x, weight, kept.weight)
+        ctx.save_for_backward(x, weight)
         ctx.kept = kept
-        return torch.matmul(x, kept.weight.t())
+        return torch.matmul(x, kept.forward_slice(weight, x).t())
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, weight, kept_weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_y, kept_weight)
+            grad_x = torch.matmul(grad_y, ctx.kept.backward_slice(weight))
         grad_w = None
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])

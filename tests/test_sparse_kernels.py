@@ -61,6 +61,37 @@ def test_subset_matmul_matches_autograd_of_the_dense_slice(dim, with_main_grad):
     assert torch.all(got.index_select(dim, omitted.nonzero().flatten()) == 0)
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("tokens", [1, 15])
+def test_slice_is_held_only_where_the_omitted_activations_pay_for_it(dim, tokens):
+    """The gathered slice (4 x 12 or 10 x 6 values) is held from the forward to the
+    backward only where the activations the layer omits (tokens x 6) are at least as
+    large: at 15 tokens, not at 1, where the backward gathers it again. Three micro-batches
+    share one slice; the gradients match the dense slice's either way."""
+    torch.manual_seed(3)
+    weight = torch.randn(10, 12, dtype=torch.float64)
+    index = torch.tensor([1, 4, 5, 9]) if dim == 0 else torch.tensor([0, 3, 7, 8, 11, 2])
+    w = weight.clone().requires_grad_()
+    w.main_grad = torch.zeros_like(weight)
+    kept = KeptSlice(w, index, dim, micro_batches=3)
+    want = torch.zeros_like(weight)
+    for step in range(3):
+        x = torch.randn(tokens, 12 if dim == 0 else index.numel(), dtype=torch.float64)
+        xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = _subset(xa, w, index, dim, kept)
+        assert (kept.weight is not None) == (tokens == 15), step  # held, or released
+        wr = weight.clone().requires_grad_()
+        yr = xr @ wr.index_select(dim, index).t()
+        g = torch.randn_like(yr)
+        y.backward(g)
+        yr.backward(g)
+        want += wr.grad
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(xa.grad, xr.grad)
+    assert kept.spent and kept.weight is None
+    torch.testing.assert_close(w.main_grad, want)
+
+
 @cuda
 @pytest.mark.parametrize("micro_batches", [1, 3])
 @pytest.mark.parametrize("dim", [0, 1])
@@ -77,7 +108,7 @@ def test_cuda_subset_matmul_weight_gradient_is_accumulated_in_fp32(dim, micro_ba
     want = before.clone()
     for step in range(micro_batches):
         assert torch.equal(weight.main_grad.double(), before)  # nothing handed over yet
-        x = torch.randn(4096, 256 if dim == 0 else 200, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(8192, 256 if dim == 0 else 200, device="cuda", dtype=torch.bfloat16)
         y = _subset(x, weight, index, dim, kept)
         g = torch.randn_like(y)
         y.backward(g)
@@ -200,7 +231,8 @@ def test_finish_grad_sync_refuses_a_summed_gradient_left_behind():
     weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     weight.main_grad = torch.zeros(4, 3, dtype=torch.float64)
     kept = KeptSlice(weight, torch.tensor([1, 2]), 0, micro_batches=2)
-    _subset(torch.randn(5, 3, dtype=torch.float64), weight, None, 0, kept).sum().backward()
+    # 8 tokens: their 2 omitted outputs pay for the held slice and the sum
+    _subset(torch.randn(8, 3, dtype=torch.float64), weight, None, 0, kept).sum().backward()
     with pytest.raises(RuntimeError, match=r"\[\(1, 2\)\].*never reached main_grad"):
         DistributedDataParallel.finish_grad_sync(object())  # raises before megatron's code
     assert sparse_linear._UNFLUSHED == {kept}
