@@ -436,8 +436,8 @@ def main() -> None:
     for key, s in summary.items():
         print(f"{key:55s} all cases: first calls {s['compile_s']:.1f} s, sum of medians "
               f"{s['median_ms']:.2f} ms, of GPU times {s['gpu_ms']:.2f} ms")
-    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                 "tokens": a.tokens, "hidden": a.hidden, "rows": rows, "summary": summary},
+    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": a.tokens,
+                                 "hidden": a.hidden, "rows": rows, "summary": summary},
                                 indent=1))
 
 

@@ -100,7 +100,7 @@ class KeptSlice:
         slice is held for the backward passes (and later micro-batches): where this
         layer's omitted activations at ``x``'s token count cover it. Otherwise it is
         released after this forward and each later pass gathers its own."""
-        kept = self.weight if self.weight is not None else self.gather(weight)
+        kept = self.slice_of(weight)
         if self._budget_left is None:
             budget = self._budget(x.numel() // x.shape[-1], x.element_size())
             holds = budget >= kept.numel() * kept.element_size()
@@ -109,8 +109,8 @@ class KeptSlice:
                 self.weight = None
         return kept
 
-    def backward_slice(self, weight: torch.Tensor) -> torch.Tensor:
-        """The slice for a backward: the held one, or gathered again."""
+    def slice_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The held slice of ``weight``, or a fresh gather where none is held."""
         return self.weight if self.weight is not None else self.gather(weight)
 
     def _budget(self, tokens: int, activation_bytes: int) -> int:
@@ -136,7 +136,7 @@ class KeptSlice:
             return torch.zeros_like(weight).index_add_(self.dim, self.index,
                                                        torch.matmul(gy_t, x))
         if self._backwards == 1:
-            self._summing = not last and self._summing_pays(x, main_grad)
+            self._summing = not last and self._summing_pays(main_grad)
         if self._summing:
             self._add_to_sum(gy_t, x, main_grad.dtype)
             if last:
@@ -153,14 +153,12 @@ class KeptSlice:
             return torch.empty_like(weight)
         return None
 
-    def _summing_pays(self, x: torch.Tensor, main_grad: torch.Tensor) -> bool:
+    def _summing_pays(self, main_grad: torch.Tensor) -> bool:
         """Whether the compact sum (kept x other x the sum's bytes) fits in what the held
-        slice left of the budget (:meth:`_budget`). TinyLlama at 32k tokens per
-        micro-batch: summed at r >= 0.2, not at r = 0.1."""
+        slice left of the budget (:meth:`_budget`, set by the first forward). TinyLlama
+        at 32k tokens per micro-batch: summed at r >= 0.2, not at r = 0.1."""
         kept_elements = self.index.numel() * main_grad.shape[1 - self.dim]
-        left = (self._budget_left if self._budget_left is not None
-                else self._budget(x.shape[0], x.element_size()))
-        return left >= kept_elements * main_grad.element_size()
+        return self._budget_left >= kept_elements * main_grad.element_size()
 
     def _add_to_sum(self, gy_t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
         """``self._grad += gy_t @ x`` in ``dtype``; on a GPU fp32 accumulation by the GEMM
@@ -213,7 +211,7 @@ class SubsetMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_y, ctx.kept.backward_slice(weight))
+            grad_x = torch.matmul(grad_y, ctx.kept.slice_of(weight))
         grad_w = None
         if ctx.needs_input_grad[1]:
             gy = grad_y.reshape(-1, grad_y.shape[-1])

@@ -85,17 +85,28 @@ def test_lors_saving_sums_the_windows_and_predicts_from_eq_11(monkeypatch, tmp_p
         run(0.01)
 
 
+def _import_alternating_rate(monkeypatch, block: int):
+    """A fresh import of ``alternating_rate.py`` with ``block`` iterations per block; the
+    launcher patches both modules' ``omission_rate_at``, restored after the test, and
+    registers an exit hook, dropped (a test calls it itself)."""
+    import megatron_sat.block
+    import pretrain_sat
+
+    for mod in (megatron_sat.block, pretrain_sat):
+        monkeypatch.setattr(mod, "omission_rate_at", mod.omission_rate_at)
+    monkeypatch.delitem(sys.modules, "alternating_rate", raising=False)
+    monkeypatch.setenv("SAT_BENCH_BLOCK", str(block))
+    module = importlib.import_module("alternating_rate")
+    monkeypatch.delitem(sys.modules, "alternating_rate")
+    atexit.unregister(module.report_block_peak)
+    return module
+
+
 def test_alternating_rate_flips_every_block(monkeypatch):
     import megatron_sat.block
     import pretrain_sat
 
-    # importing the launcher patches both modules: restore them after this test
-    for mod in (megatron_sat.block, pretrain_sat):
-        monkeypatch.setattr(mod, "omission_rate_at", mod.omission_rate_at)
-    monkeypatch.delitem(sys.modules, "alternating_rate", raising=False)
-    monkeypatch.setenv("SAT_BENCH_BLOCK", "4")
-    module = importlib.import_module("alternating_rate")
-    monkeypatch.delitem(sys.modules, "alternating_rate")
+    module = _import_alternating_rate(monkeypatch, 4)
     cfg = SATConfig(omission_rate=0.5)
     got = [module.alternating_rate(cfg, i) for i in range(12)]
     assert got == [0.5] * 4 + [0.0] * 4 + [0.5] * 4
@@ -107,16 +118,7 @@ def test_alternating_rate_flips_every_block(monkeypatch):
 def test_each_block_reports_its_own_peak_memory(monkeypatch, capsys):
     """A block's peak is printed when the next block starts and then reset, so a dense
     block's peak is not the SAT block's before it (megatron's cumulative report was)."""
-    import megatron_sat.block
-    import pretrain_sat
-
-    for mod in (megatron_sat.block, pretrain_sat):
-        monkeypatch.setattr(mod, "omission_rate_at", mod.omission_rate_at)
-    monkeypatch.delitem(sys.modules, "alternating_rate", raising=False)
-    monkeypatch.setenv("SAT_BENCH_BLOCK", "2")
-    module = importlib.import_module("alternating_rate")
-    monkeypatch.delitem(sys.modules, "alternating_rate")
-    atexit.unregister(module.report_block_peak)  # this import's; the test calls it itself
+    module = _import_alternating_rate(monkeypatch, 2)
     peak = {"mb": 0.0}
     torch = module.torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
